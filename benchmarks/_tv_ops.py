@@ -1,0 +1,65 @@
+"""torchvision side of benchmarks/ops.py. Runs inside the reference venv (.refvenv), never imports
+the project:
+
+    .refvenv/bin/python benchmarks/_tv_ops.py INPUTS.safetensors OUT.safetensors
+
+Reads the cases written by benchmarks/ops.py (tensors "<case>.<name>", parameters as JSON in the
+metadata), times torchvision on the same inputs and writes its outputs plus the timings
+(metadata "timings_ms", JSON) so that ops.py can print both side by side and check agreement.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torchvision import ops
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main(inputs: str, out_path: str) -> None:
+    t = load_file(inputs)
+    with safe_open(inputs, "pt") as f:
+        meta = json.loads(f.metadata()["cases"])
+    torch.set_num_threads(int(meta.pop("_threads")))
+    repeats = int(meta.pop("_repeats"))
+    outs, timings = {}, {}
+    for case, p in meta.items():
+        kind = p["kind"]
+        if kind == "nms":
+            fn = lambda c=case, p=p: ops.nms(t[f"{c}.boxes"], t[f"{c}.scores"], p["iou_threshold"])
+        elif kind == "roi_align":
+            fn = lambda c=case, p=p: ops.roi_align(
+                t[f"{c}.input"], t[f"{c}.rois"], p["output_size"], p["spatial_scale"],
+                p["sampling_ratio"], p["aligned"])
+        elif kind == "multiscale_roi_align":
+            names = [f"p{i}" for i in range(len(p["spatial_scales"]))]
+            feats = {n: t[f"{case}.{n}"] for n in names}
+            rois = t[f"{case}.rois"]
+            boxes = [rois[rois[:, 0] == i, 1:] for i in range(feats[names[0]].shape[0])]
+            pooler = ops.MultiScaleRoIAlign(names, p["output_size"], p["sampling_ratio"])
+            shapes = [tuple(p["image_size"])] * len(boxes)
+            fn = lambda f=feats, b=boxes, m=pooler, s=shapes: m(f, b, s)
+        else:
+            continue
+        timings[case] = _median_ms(fn, repeats)
+        outs[f"{case}.out"] = fn().contiguous()
+    save_file(outs, out_path, metadata={"timings_ms": json.dumps(timings)})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,104 @@
+"""python -m export {onnx, verify, tensorrt, triton}: thin argument parsing over export/*.
+
+    python -m export onnx --checkpoint CKPT --out model.onnx [--opset 18] [--with-nms] [--max-detections K]
+    python -m export verify --checkpoint CKPT --model model.onnx --images DIR [--annotations GT]
+    python -m export tensorrt --model model.onnx --out model.engine [--fp16] [--int8 --calib-images DIR]
+    python -m export triton --model model.onnx|model.engine --repo DIR [--name frcnn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    o = sub.add_parser("onnx", help="export a checkpoint to ONNX (dynamic batch and image size)")
+    o.add_argument("--checkpoint", required=True, help="checkpoint directory (model.safetensors + model.json)")
+    o.add_argument("--out", required=True, help="output .onnx path")
+    o.add_argument("--opset", type=int, default=18)
+    o.add_argument("--with-nms", action="store_true", help="class-wise NMS and top-K in the graph")
+    o.add_argument("--max-detections", type=int, default=100, help="K: rows per image with --with-nms")
+    o.add_argument("--no-verify", action="store_true", help="skip the post-export parity check")
+
+    v = sub.add_parser("verify", help="parity of an exported model with its checkpoint")
+    v.add_argument("--checkpoint", required=True)
+    v.add_argument("--model", required=True, help=".onnx or .engine")
+    v.add_argument("--images", required=True, help="directory of images")
+    v.add_argument("--annotations", help="COCO json: also compare box AP")
+    v.add_argument("--batch-size", type=int, default=2)
+    v.add_argument("--limit", type=int, default=None, help="first N images only")
+
+    t = sub.add_parser("tensorrt", help="build a TensorRT 10 engine from an exported .onnx")
+    t.add_argument("--model", required=True, help=".onnx from `export onnx`")
+    t.add_argument("--out", required=True, help="output .engine (a .json sidecar is written beside it)")
+    t.add_argument("--fp16", action="store_true")
+    t.add_argument("--int8", action="store_true")
+    t.add_argument("--calib-images", help="directory of calibration images (int8)")
+    t.add_argument("--calib-cache", help="calibration cache file (read if present, else written)")
+    t.add_argument("--calib-batches", type=int, default=16)
+    t.add_argument("--timing-cache", help="timing cache file (read if present, updated after the build)")
+    t.add_argument("--min-batch", type=int, default=1)
+    t.add_argument("--opt-batch", type=int, default=4)
+    t.add_argument("--max-batch", type=int, default=8)
+    t.add_argument("--min-hw", type=int, nargs=2, default=(320, 320), metavar=("H", "W"))
+    t.add_argument("--opt-hw", type=int, nargs=2, default=(608, 1024), metavar=("H", "W"))
+    t.add_argument("--max-hw", type=int, nargs=2, default=(1024, 1024), metavar=("H", "W"))
+    t.add_argument("--workspace-gb", type=float, default=4.0)
+
+    r = sub.add_parser("triton", help="write a Triton model repository for an .onnx or .engine")
+    r.add_argument("--model", required=True)
+    r.add_argument("--repo", required=True, help="model repository directory")
+    r.add_argument("--name", default="frcnn")
+    r.add_argument("--max-batch-size", type=int, default=8)
+    r.add_argument("--instances", type=int, default=1)
+    r.add_argument("--kind", choices=("cpu", "gpu"), default=None, help="instance kind (default: by backend)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = _parser().parse_args(argv)
+    if args.command == "onnx":
+        from export.onnx_export import export_onnx
+
+        path = export_onnx(args.checkpoint, args.out, opset=args.opset, with_nms=args.with_nms,
+                           max_detections=args.max_detections, verify=not args.no_verify)
+        print(f"wrote {path}")
+        return 0
+    if args.command == "verify":
+        from export.verify import verify
+
+        report = verify(args.checkpoint, args.model, args.images, annotations=args.annotations,
+                        batch_size=args.batch_size, limit=args.limit)
+        print(report.to_json())
+        return 0 if report.ok else 1
+    if args.command == "tensorrt":
+        from export.tensorrt import BuildOptions, build_engine
+
+        opts = BuildOptions(
+            fp16=args.fp16, int8=args.int8, calib_images=args.calib_images, calib_cache=args.calib_cache,
+            calib_batches=args.calib_batches, timing_cache=args.timing_cache,
+            min_shape=(args.min_batch, *args.min_hw), opt_shape=(args.opt_batch, *args.opt_hw),
+            max_shape=(args.max_batch, *args.max_hw), workspace_gb=args.workspace_gb,
+        )
+        path = build_engine(args.model, args.out, opts)
+        print(f"wrote {path}")
+        return 0
+    if args.command == "triton":
+        from export.triton import write_model_repository
+
+        path = write_model_repository(args.model, args.repo, name=args.name, max_batch_size=args.max_batch_size,
+                                      instances=args.instances, kind=args.kind)
+        print(f"wrote {path}")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Checkpoint -> ONNX graph with dynamic batch and image size, per the contract in contract.py.
+
+    export_onnx(checkpoint_dir, out_path, opset=18, with_nms=False, max_detections=100, verify=True)
+
+Steps: load the checkpoint, wrap the detector (wrappers.py), torch.onnx.export(dynamo=True) with the
+frcnn op lowerings (lowering.py) and dynamic B, H, W; then onnxscript's optimizer (constant folding,
+dead code, common subexpressions), onnx.checker (full check, which runs strict shape inference),
+contract names for the dynamic dims, and the metadata that lets a backend run the graph alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from export import contract
+from export.lowering import translation_table
+from export.wrappers import NmsGraph, RawGraph
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 18  # the lowerings use opset-18 forms (ReduceMax axes as input; RoiAlign needs >= 16)
+MAX_BATCH = 64
+MAX_SIDE = 4096
+
+
+def _example_inputs(size_divisible: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B=2 with two different H, W (and H != W), so no dimension specialises to a constant."""
+    d = size_divisible
+    h, w = 10 * d, 13 * d
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, h, w, generator=g)
+    image_sizes = torch.tensor([[h, w], [h - d, w - 2 * d - 3]], dtype=torch.int64)
+    return images, image_sizes
+
+
+def _dynamic_shapes(size_divisible: int) -> dict[str, dict[int, Any]]:
+    Dim = torch.export.Dim
+    b = Dim("B", min=1, max=MAX_BATCH)
+    # H, W are multiples of size_divisible (the transform pads so); saying so lets torch.export
+    # prove FPN shape arithmetic (H / 32 exact) without guards that would pin the sizes.
+    h = size_divisible * Dim("H_blocks", min=1, max=MAX_SIDE // size_divisible)
+    w = size_divisible * Dim("W_blocks", min=1, max=MAX_SIDE // size_divisible)
+    return {"images": {0: b, 2: h, 3: w}, "image_sizes": {0: b}}
+
+
+def graph_metadata(cfg, class_names: list[str], *, with_nms: bool, max_detections: int,
+                   model_name: str = "") -> contract.GraphMetadata:
+    rh = cfg.roi_heads
+    return contract.GraphMetadata(
+        flavour="nms" if with_nms else "raw",
+        class_names=list(class_names),
+        input_settings=dataclasses.asdict(cfg.transform),
+        postprocess={"score_thresh": rh.score_thresh, "nms_thresh": rh.nms_thresh,
+                     "detections_per_img": max_detections if with_nms else rh.detections_per_img,
+                     "min_size": rh.min_size},
+        model_name=model_name,
+        config=cfg.to_dict(),
+        max_detections=max_detections if with_nms else None,
+    )
+
+
+def _name_dims(proto: onnx.ModelProto, specs: list[contract.TensorSpec], values, fixed: dict[str, int]) -> None:
+    """Write the contract's dims on graph inputs/outputs: names (B, H, W, R) for dynamic dims, values
+    for fixed ones (`fixed` gives the model's C)."""
+    for spec, value in zip(specs, values, strict=True):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(spec.dims):
+            raise ValueError(f"{spec.name}: rank {len(dims)} != contract {spec.dims}")
+        for dim, want in zip(dims, spec.dims, strict=True):
+            want = fixed.get(want, want)
+            if dim.HasField("dim_value") and dim.dim_value != want:
+                raise ValueError(f"{spec.name}: dim {dim.dim_value} != contract {want} ({spec.dims})")
+            if isinstance(want, str):
+                dim.dim_param = want
+            else:
+                dim.dim_value = want
+
+
+def build_graph(net: torch.nn.Module, cfg, class_names: list[str], *, opset: int = 18,
+                with_nms: bool = False, max_detections: int = 100, model_name: str = "") -> onnx.ModelProto:
+    """Trace `net` (a model.FasterRCNN) into a checked, optimised ONNX model with metadata."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} < {MIN_OPSET}: the op lowerings need opset >= {MIN_OPSET}")
+    net = net.eval()
+    if with_nms:
+        rh = cfg.roi_heads
+        wrapper = NmsGraph(net, score_thresh=rh.score_thresh, nms_thresh=rh.nms_thresh,
+                           min_size=rh.min_size, max_detections=max_detections)
+    else:
+        wrapper = RawGraph(net)
+    outputs = contract.output_specs(with_nms=with_nms, max_detections=max_detections)
+    sd = cfg.transform.size_divisible
+    with torch.no_grad():
+        # torch.export first, so a dimension the model pins (a Python int taken from a shape) fails
+        # here; torch.onnx.export alone would fall back to a draft export that is right at one batch size
+        t0 = time.perf_counter()
+        exported = torch.export.export(wrapper.eval(), _example_inputs(sd), dynamic_shapes=_dynamic_shapes(sd),
+                                       strict=False)
+        _drop_runtime_asserts(exported)
+        t1 = time.perf_counter()
+        program = torch.onnx.export(
+            exported,
+            dynamo=True,
+            custom_translation_table=translation_table(),
+            input_names=list(contract.INPUT_NAMES),
+            output_names=[s.name for s in outputs],
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
+    t2 = time.perf_counter()
+    _optimize(program)
+    log.info("torch.export %.1fs, to ONNX %.1fs, optimise %.1fs", t1 - t0, t2 - t1, time.perf_counter() - t2)
+    proto = program.model_proto
+    fixed = {"C": cfg.num_classes}
+    _name_dims(proto, list(contract.INPUTS), proto.graph.input, fixed)
+    _name_dims(proto, list(outputs), proto.graph.output, fixed)
+    contract.check_output_names([o.name for o in proto.graph.output], with_nms=with_nms)
+    meta = graph_metadata(cfg, class_names, with_nms=with_nms, max_detections=max_detections,
+                          model_name=model_name)
+    onnx.helper.set_model_props(proto, meta.to_props())
+    proto.producer_name = "frcnn.export"
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def _drop_runtime_asserts(exported: torch.export.ExportedProgram) -> None:
+    """Remove torch.export's runtime shape assertions (e.g. an unbacked NMS count <= 2**65, whose
+    bound does not fit in int64) and the arithmetic feeding them: they check nothing the ONNX graph
+    needs, and the ONNX exporter cannot write such constants."""
+    gm = exported.graph_module
+    asserts = {torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default,
+               torch.ops.aten._assert_tensor_metadata.default}
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in asserts:
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+def _optimize(program) -> None:
+    """Constant folding and cleanup on the exported IR model, in place."""
+    import onnxscript.optimizer
+
+    # fold constants (weights are initializers, so shape/arange subgraphs fold), drop dead nodes,
+    # merge common subexpressions; repeated until nothing changes
+    from onnx_ir.passes.common import CommonSubexpressionEliminationPass, RemoveUnusedNodesPass
+
+    onnxscript.optimizer.optimize(program.model, num_iterations=3)
+    CommonSubexpressionEliminationPass()(program.model)
+    onnxscript.optimizer.optimize(program.model, num_iterations=2)
+    RemoveUnusedNodesPass()(program.model)
+
+
+def export_onnx(checkpoint_dir: str | Path, out_path: str | Path, *, opset: int = 18, with_nms: bool = False,
+                max_detections: int = 100, verify: bool = True) -> Path:
+    """Export a checkpoint directory (model.safetensors + model.json) to `out_path` (.onnx)."""
+    from model.checkpoint import load_checkpoint
+
+    net, meta = load_checkpoint(checkpoint_dir)
+    cfg = meta.config
+    proto = build_graph(net, cfg, meta.class_names, opset=opset, with_nms=with_nms,
+                        max_detections=max_detections, model_name=Path(checkpoint_dir).name)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(proto, str(out_path))
+    log.info("wrote %s (%d nodes, %.1f MB)", out_path, len(proto.graph.node), out_path.stat().st_size / 2**20)
+    if verify:
+        from export.verify import quick_verify
+
+        quick_verify(net, out_path, cfg)
+    return out_path

@@ -1,0 +1,76 @@
+"""Which ONNX operators the TensorRT 10 ONNX parser accepts, to check an exported graph without TensorRT.
+
+Source: onnx/onnx-tensorrt, docs/operators.md ("TensorRT 10.15 supports operators in the inclusive
+range of opset 9 to opset 24"), the rows marked "Y". Restrictions from that table that an frcnn
+graph can hit are checked too (ScatterND/ScatterElements reduction, TopK sorted). Not checked here:
+TopK's K < 3840 (K is data dependent in the RPN; pre_nms_top_n_test <= 3000 keeps it true) and
+INMSLayer's TopK box limit (5000 candidates per batch item).
+"""
+
+from __future__ import annotations
+
+import onnx
+
+TRT10_OPSET_RANGE = (9, 24)
+
+TRT10_SUPPORTED_OPS = frozenset("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh Attention AveragePool BatchNormalization
+BlackmanWindow Cast CastLike Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh
+CumSum DeformConv DepthToSpace DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike
+Flatten Floor Gather GatherElements GatherND Gelu Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool
+Greater GreaterOrEqual GridSample GroupNormalization GRU HammingWindow HannWindow HardSigmoid HardSwish
+Hardmax Identity If ImageScaler InstanceNormalization IsInf IsNaN LayerNormalization LeakyRelu Less
+LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool MatMul Max MaxPool Mean
+MeanVarianceNormalization Min Mish Mod Mul Neg NonMaxSuppression NonZero Not OneHot Or Pad
+ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal RandomNormalLike RandomUniform RandomUniformLike
+Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd
+ReduceSum ReduceSumSquare Relu Reshape Resize ReverseSequence RMSNormalization RNN RoiAlign
+RotaryEmbedding Round STFT ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid
+Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh
+TensorScatter ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
+""".split())
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
+    """Reasons the TensorRT 10 ONNX parser would reject `model` (empty list: none known)."""
+    problems = []
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx") and not TRT10_OPSET_RANGE[0] <= imp.version <= TRT10_OPSET_RANGE[1]:
+            problems.append(f"opset {imp.version} outside TensorRT 10's {TRT10_OPSET_RANGE}")
+    local_functions = {(f.domain, f.name) for f in model.functions}
+    seen = set()
+    for node in _all_nodes(model):
+        key = (node.domain, node.op_type)
+        if key in local_functions:
+            continue
+        if node.domain not in ("", "ai.onnx"):
+            problems.append(f"{node.domain}::{node.op_type}: custom domain")
+        elif node.op_type not in TRT10_SUPPORTED_OPS and key not in seen:
+            problems.append(f"{node.op_type}: not supported by the TensorRT 10 ONNX parser")
+        elif node.op_type in ("ScatterND", "ScatterElements") and _attr(node, "reduction", b"none") not in (
+                b"none", "none"):
+            problems.append(f"{node.op_type} ({node.name}): reduction other than none")
+        elif node.op_type == "TopK" and _attr(node, "sorted", 1) != 1:
+            problems.append(f"TopK ({node.name}): sorted must be 1")
+        seen.add(key)
+    return problems
+
+
+def _all_nodes(model: onnx.ModelProto):
+    stack = [model.graph, *(f for f in model.functions)]
+    while stack:
+        g = stack.pop()
+        for node in g.node:
+            yield node
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    stack.append(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    stack.extend(a.graphs)

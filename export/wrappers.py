@@ -1,0 +1,96 @@
+"""Modules that flatten the detector's inputs and outputs into the graph contract (contract.py).
+
+Shape shorthand: B images, H, W padded size, R RoIs over the batch, C classes (0 = background),
+M candidate (RoI, class) pairs, K detections kept per image.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class RawGraph(nn.Module):
+    """images [B, 3, H, W], image_sizes [B, 2] -> (batch_idx [R], scores [R, C], boxes [R, C, 4])."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        raw = self.net(images, image_sizes)
+        return raw.batch_idx, raw.scores, raw.boxes
+
+
+def padded_postprocess(
+    batch_idx: Tensor,
+    scores: Tensor,
+    boxes: Tensor,
+    num_images: int,
+    *,
+    score_thresh: float,
+    nms_thresh: float,
+    min_size: float,
+    max_detections: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """model.postprocess's selection (score filter, small-box removal, class-wise NMS per image,
+    top-K by score), vectorised over the batch and padded to K rows per image.
+
+    Boxes stay in resized-image pixels (the graph does not know original sizes).
+    Returns boxes [B, K, 4], scores [B, K], labels [B, K] int64, num_detections [B] int64.
+    """
+    r, c = scores.shape
+    labels = torch.arange(1, c, device=scores.device).expand(r, c - 1)  # (R, C-1)
+    # (R, C, ...) -> (M, ...) with background dropped
+    cand_scores = scores[:, 1:].reshape(-1)
+    cand_boxes = boxes[:, 1:].reshape(-1, 4)
+    cand_labels = labels.reshape(-1)
+    cand_images = batch_idx[:, None].expand(r, c - 1).reshape(-1)
+
+    keep = torch.nonzero(cand_scores > score_thresh).squeeze(1)
+    cand_scores, cand_boxes = cand_scores[keep], cand_boxes[keep]
+    cand_labels, cand_images = cand_labels[keep], cand_images[keep]
+    keep = torch.ops.frcnn.remove_small_boxes(cand_boxes, min_size)
+    cand_scores, cand_boxes = cand_scores[keep], cand_boxes[keep]
+    cand_labels, cand_images = cand_labels[keep], cand_images[keep]
+    # one NMS over the batch: groups are (image, class) pairs; result sorted by decreasing score
+    keep = torch.ops.frcnn.batched_nms(cand_boxes, cand_scores, cand_images * c + cand_labels, nms_thresh)
+    cand_scores, cand_boxes = cand_scores[keep], cand_boxes[keep]
+    cand_labels, cand_images = cand_labels[keep], cand_images[keep]
+
+    # rank of each kept detection within its image, in score order: no sort needed, the NMS output
+    # is already in decreasing score; count earlier detections of the same image.
+    one_hot = (cand_images[:, None] == torch.arange(num_images, device=scores.device)[None]).long()  # (n, B)
+    rank = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # (n,)
+    within = torch.nonzero(rank < max_detections).squeeze(1)
+    img, rank = cand_images[within], rank[within]
+
+    out_boxes = scores.new_zeros((num_images, max_detections, 4))
+    out_scores = scores.new_zeros((num_images, max_detections))
+    out_labels = torch.zeros((num_images, max_detections), dtype=torch.int64, device=scores.device)
+    out_boxes = out_boxes.index_put((img, rank), cand_boxes[within])
+    out_scores = out_scores.index_put((img, rank), cand_scores[within])
+    out_labels = out_labels.index_put((img, rank), cand_labels[within])
+    num = one_hot.sum(0).clamp(max=max_detections)
+    return out_boxes, out_scores, out_labels, num
+
+
+class NmsGraph(nn.Module):
+    """images, image_sizes -> (boxes [B, K, 4], scores [B, K], labels [B, K], num_detections [B])."""
+
+    def __init__(self, net: nn.Module, *, score_thresh: float, nms_thresh: float, min_size: float,
+                 max_detections: int):
+        super().__init__()
+        self.net = net
+        self.score_thresh = float(score_thresh)
+        self.nms_thresh = float(nms_thresh)
+        self.min_size = float(min_size)
+        self.max_detections = int(max_detections)
+
+    def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        raw = self.net(images, image_sizes)
+        return padded_postprocess(
+            raw.batch_idx, raw.scores, raw.boxes, images.shape[0],
+            score_thresh=self.score_thresh, nms_thresh=self.nms_thresh, min_size=self.min_size,
+            max_detections=self.max_detections,
+        )

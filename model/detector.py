@@ -1,0 +1,106 @@
+"""Faster R-CNN (Ren et al. 2015): backbone -> RPN proposals -> RoI heads.
+
+Shape shorthand: B images, H, W the padded batch, R RoIs over the batch, C classes (0 = background).
+``forward`` is inference on a preprocessed batch and returns raw per-RoI outputs; detections come
+from ``model.postprocess``. Training losses come from the explicit ``losses`` call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.anchors import AnchorGenerator
+from model.backbones import Backbone, build_backbone
+from model.config import ModelConfig
+from model.postprocess import Detections, RawDetections, postprocess
+from model.roi_heads import FastRCNNPredictor, RoIHeads, TwoMLPHead, build_pooler
+from model.rpn import RPN, RPNHead
+from model.transform import preprocess
+
+
+class FasterRCNN(nn.Module):
+    def __init__(self, *, backbone: Backbone, rpn: RPN, roi_heads: RoIHeads, config: ModelConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.config = config
+
+    def _rpn_features(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return list(features.values())
+
+    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor) -> RawDetections:
+        """images (B, 3, H, W) preprocessed and padded; image_sizes (B, 2) int64 resized (h, w)."""
+        features = self.backbone(images)
+        batch_hw = (images.shape[-2], images.shape[-1])
+        proposals, batch_idx = self.rpn(self._rpn_features(features), image_sizes, batch_hw)
+        scores, boxes = self.roi_heads(features, proposals, batch_idx, image_sizes)
+        return RawDetections(batch_idx, scores, boxes)
+
+    def losses(self, images: torch.Tensor, image_sizes: torch.Tensor, targets: list[dict[str, torch.Tensor]], *,
+               roi_fg_iou_thresh: float | None = None, roi_box_beta: float | None = None,
+               parts: tuple[str, ...] = ("rpn", "roi"),
+               proposals: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+        """Training losses.
+
+        targets: per image {"boxes": (G, 4) xyxy in resized-image pixels, "labels": (G,) int64 >= 1}.
+        parts: which losses to compute ("rpn", "roi"); alternating training trains one at a time.
+        proposals: (boxes (P, 4), batch_idx (P,)) to train the RoI heads on instead of this RPN's
+        (step 2 of 4-step training uses the step-1 RPN's proposals).
+        Returns (losses, stats); stats feed Dynamic R-CNN (see RoIHeads.losses).
+        """
+        if len(targets) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(targets)} targets")
+        features = self.backbone(images)
+        batch_hw = (images.shape[-2], images.shape[-1])
+        losses: dict[str, torch.Tensor] = {}
+        stats: dict[str, list[torch.Tensor]] = {}
+        if "rpn" in parts or proposals is None:
+            rpn_losses, boxes, batch_idx = self.rpn.losses(self._rpn_features(features), image_sizes, batch_hw,
+                                                           targets)
+            if "rpn" in parts:
+                losses.update(rpn_losses)
+        if proposals is not None:
+            boxes, batch_idx = proposals
+        if "roi" in parts:
+            roi_losses, stats = self.roi_heads.losses(features, boxes.detach(), batch_idx, targets,
+                                                      fg_iou_thresh=roi_fg_iou_thresh, box_beta=roi_box_beta)
+            losses.update(roi_losses)
+        return losses, stats
+
+    @torch.no_grad()
+    def predict(self, images: list[torch.Tensor], *, score_thresh: float | None = None,
+                detections_per_img: int | None = None) -> list[Detections]:
+        """Convenience: [(3, h, w) uint8 or float 0..1] -> detections in original pixels."""
+        cfg = self.config.roi_heads
+        batch = preprocess(images, self.config.transform)
+        dev = next(self.parameters()).device
+        raw = self(batch.images.to(dev), batch.image_sizes.to(dev))
+        return postprocess(raw, batch.image_sizes.to(dev), batch.original_sizes.to(dev),
+                           score_thresh=cfg.score_thresh if score_thresh is None else score_thresh,
+                           nms_thresh=cfg.nms_thresh, min_size=cfg.min_size,
+                           detections_per_img=cfg.detections_per_img if detections_per_img is None
+                           else detections_per_img)
+
+
+def build_model(cfg: ModelConfig) -> FasterRCNN:
+    """The one builder: a FasterRCNN from its config (weights freshly initialised)."""
+    backbone = build_backbone(cfg.backbone)
+    anchors = AnchorGenerator(sizes=cfg.anchors.sizes, aspect_ratios=cfg.anchors.aspect_ratios)
+    if len(cfg.anchors.sizes) != len(backbone.strides):
+        raise ValueError(f"{len(cfg.anchors.sizes)} anchor levels for {len(backbone.strides)} feature maps")
+    per_loc = set(anchors.num_anchors_per_location())
+    if len(per_loc) != 1:
+        raise ValueError("the shared RPN head needs the same number of anchors at every level")
+    head = RPNHead(in_channels=backbone.out_channels, num_anchors=per_loc.pop(),
+                   objectness=cfg.rpn.objectness, conv_channels=cfg.rpn.conv_channels)
+    rpn = RPN(head=head, anchor_generator=anchors, cfg=cfg.rpn)
+    names = list(backbone.names) + (["pool"] if len(backbone.strides) > len(backbone.names) else [])
+    pooler, positions = build_pooler(cfg.roi_heads, names, backbone.strides)
+    rep = cfg.roi_heads.representation_size
+    box_head = TwoMLPHead(in_features=backbone.out_channels * positions, representation=rep)
+    predictor = FastRCNNPredictor(in_features=rep, num_classes=cfg.num_classes)
+    roi_heads = RoIHeads(pooler=pooler, box_head=box_head, predictor=predictor, cfg=cfg.roi_heads)
+    return FasterRCNN(backbone=backbone, rpn=rpn, roi_heads=roi_heads, config=cfg)

@@ -1,0 +1,167 @@
+"""Non-maximum suppression as `frcnn::nms` and `frcnn::batched_nms` custom ops.
+
+Shape shorthand: N boxes in, K kept; boxes are (x1, y1, x2, y2) in absolute pixels.
+
+Semantics are torchvision's: boxes are visited by decreasing score (stable for ties), a box is
+dropped when its IoU with an already kept box is > iou_threshold, and the kept indices come out
+sorted by decreasing score.
+
+Algorithm (vectorised, no per-box Python loop): the score-sorted boxes that are still alive are
+taken in tiles of `_TILE`. Inside a tile the greedy order is resolved with a fixed-point iteration
+on the tile's suppression matrix S (S[j, i]: earlier box j would suppress later box i):
+
+    keep <- not any_j(keep[j] and S[j, i])
+
+Box i only depends on boxes before it, so after m rounds the first m entries are final; in
+practice suppression chains are short and it settles in a handful of rounds. The tile's kept
+boxes then suppress everything after the tile in one (kept x rest) IoU pass, and the survivors
+are compacted, so later tiles never look at dead boxes. Work is about (kept x alive) IoUs, the
+same as the greedy C++ loop, but in large tensor ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["nms", "batched_nms"]
+
+_TILE = 256
+# Bound on one (kept x rest) IoU block, so intermediates stay cache-sized.
+_CROSS_BLOCK = 1 << 17
+
+
+def _threshold_below(iou_threshold: float, dtype: torch.dtype, device) -> Tensor:
+    """Largest `dtype` value t with t <= iou_threshold, so `iou > t` (in dtype) is the same test
+    as torchvision's `float(iou) > double(iou_threshold)`."""
+    exact = torch.tensor(iou_threshold, dtype=torch.float64)
+    t = exact.to(dtype)
+    if t.double() > exact:
+        t = torch.nextafter(t, torch.tensor(float("-inf"), dtype=dtype))
+    return t.to(device)
+
+
+def _pair_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU between columns of a (5, P) and b (5, Q), rows (x1, y1, x2, y2, area) -> (P, Q).
+
+    Same float operations, in the same order, as torchvision's CPU kernel, so results agree
+    bit for bit (and so do threshold decisions)."""
+    w = torch.minimum(a[2, :, None], b[2, None, :])
+    w.sub_(torch.maximum(a[0, :, None], b[0, None, :])).clamp_(min=0)
+    h = torch.minimum(a[3, :, None], b[3, None, :])
+    h.sub_(torch.maximum(a[1, :, None], b[1, None, :])).clamp_(min=0)
+    inter = w.mul_(h)
+    union = a[4, :, None] + b[4, None, :]
+    return inter.div_(union.sub_(inter))
+
+
+def _suppressed_by(kept: Tensor, kept_cls: Tensor | None, rest: Tensor, rest_cls: Tensor | None,
+                   thr: Tensor) -> Tensor:
+    """(5, k), (5, R) -> (R,) bool: rest boxes overlapping any kept box (of the same class)."""
+    out = torch.zeros(rest.shape[1], dtype=torch.bool, device=rest.device)
+    step = max(1, _CROSS_BLOCK // max(1, kept.shape[1]))
+    for s in range(0, rest.shape[1], step):  # blocks of boxes, not single boxes
+        hit = _pair_iou(kept, rest[:, s:s + step]) > thr  # (k, r)
+        if kept_cls is not None:
+            hit &= kept_cls[:, None] == rest_cls[None, s:s + step]
+        out[s:s + step] = hit.any(0)
+    return out
+
+
+def _resolve_tile(tile: Tensor, cls: Tensor | None, thr: Tensor) -> Tensor:
+    """(5, T) score-sorted boxes -> (T,) bool keep, exactly the greedy result within the tile."""
+    sup = _pair_iou(tile, tile) > thr  # (T, T)
+    if cls is not None:
+        sup &= cls[:, None] == cls[None, :]
+    sup = sup.triu_(1).to(tile.dtype if tile.dtype != torch.float16 else torch.float32)
+    keep = torch.ones(tile.shape[1], dtype=torch.bool, device=tile.device)
+    while True:
+        new = (keep.to(sup.dtype) @ sup) == 0  # (T,) no kept earlier box suppresses it
+        if torch.equal(new, keep):
+            return keep
+        keep = new
+
+
+def _nms_impl(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None) -> Tensor:
+    n = boxes.shape[0]
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    if not boxes.is_floating_point():
+        boxes = boxes.to(torch.get_default_dtype())
+    order = torch.sort(scores, descending=True, stable=True).indices
+    b = boxes[order]
+    # (5, N) rows x1, y1, x2, y2, area: each row contiguous for the broadcasts in _pair_iou
+    cols = torch.cat([b.t(), ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[None]]).contiguous()
+    cls = idxs[order] if idxs is not None else None
+    thr = _threshold_below(iou_threshold, cols.dtype, cols.device)
+
+    alive = order  # original indices of the boxes not yet suppressed, in score order
+    kept: list[Tensor] = []
+    while alive.numel() > 0:
+        tile, rest = cols[:, :_TILE], cols[:, _TILE:]
+        tile_cls = cls[:_TILE] if cls is not None else None
+        keep = _resolve_tile(tile, tile_cls, thr)
+        kept.append(alive[:_TILE][keep])
+        if rest.shape[1] == 0:
+            break
+        rest_cls = cls[_TILE:] if cls is not None else None
+        dead = _suppressed_by(tile[:, keep], tile_cls[keep] if cls is not None else None,
+                              rest, rest_cls, thr)
+        live = ~dead
+        cols, alive = rest[:, live], alive[_TILE:][live]
+        cls = rest_cls[live] if cls is not None else None
+    return torch.cat(kept)
+
+
+# --- custom ops ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("frcnn::nms", mutates_args=())
+def _nms_op(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    return _nms_impl(boxes, scores, iou_threshold, None)
+
+
+@_nms_op.register_fake
+def _(boxes, scores, iou_threshold):
+    k = torch.library.get_ctx().new_dynamic_size()
+    return boxes.new_empty((k,), dtype=torch.int64)
+
+
+@torch.library.custom_op("frcnn::batched_nms", mutates_args=())
+def _batched_nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    # Boxes of different classes never suppress each other: a class-equality mask on the
+    # suppression test, exact (the coordinate-offset trick loses float precision far from 0).
+    return _nms_impl(boxes, scores, iou_threshold, idxs)
+
+
+@_batched_nms_op.register_fake
+def _(boxes, scores, idxs, iou_threshold):
+    k = torch.library.get_ctx().new_dynamic_size()
+    return boxes.new_empty((k,), dtype=torch.int64)
+
+
+# --- public API ---------------------------------------------------------------------------------
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy non-maximum suppression.
+
+    Args:
+        boxes (Tensor[N, 4]): (x1, y1, x2, y2); integer boxes are compared in float.
+        scores (Tensor[N]).
+        iou_threshold: a box is discarded when IoU > iou_threshold with a kept, higher-scored box.
+    Returns:
+        Tensor[K] int64: indices of kept boxes, sorted by decreasing score.
+    """
+    return torch.ops.frcnn.nms(boxes, scores, float(iou_threshold))
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """NMS independently per value of idxs (class-wise).
+
+    Args:
+        boxes (Tensor[N, 4]), scores (Tensor[N]), idxs (Tensor[N] int64): category of each box.
+    Returns:
+        Tensor[K] int64: indices of kept boxes, sorted by decreasing score.
+    """
+    return torch.ops.frcnn.batched_nms(boxes, scores, idxs, float(iou_threshold))

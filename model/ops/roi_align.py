@@ -1,0 +1,263 @@
+"""RoIAlign as the `frcnn::roi_align` custom op, with autograd (backward wrt the features).
+
+Shape shorthand: N images, C channels, H, W feature size, K RoIs, (oh, ow) output size,
+G sampling points per bin side, S = 4 * Gy * Gx (index, weight) taps per output bin.
+
+Semantics are torchvision's `roi_align`: half-pixel shift when `aligned`, RoI sides at least 1
+when not aligned, `sampling_ratio` 0 meaning ceil(roi_side / output_side) points per bin and RoI,
+samples outside [-1, H] x [-1, W] contributing 0, coordinates clamped to [0, H - 1] x [0, W - 1]
+for the bilinear taps, and the bin value the mean over its samples.
+
+Bilinear interpolation and the validity test are separable in y and x, so the taps are built per
+axis ((K, oh, Gy, 2) rows and (K, ow, Gx, 2) columns with their weights) and combined by
+broadcasting into (K*oh*ow, S) flat indices into the channels-last feature map (N*H*W, C).
+An output bin is then a weighted sum of S contiguous C-vectors: one gather and one batched
+matmul. Adaptive grids differ per RoI: RoIs are sorted by grid size and processed in chunks
+padded to the chunk's largest grid (padding taps get weight 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["roi_align"]
+
+# Upper bound on gathered elements (bins * taps * channels) per block: ~16 MB of float32.
+_GATHER_BUDGET = 1 << 22
+# Upper bound on taps (bins * taps per bin) whose indices and weights are built at once.
+_TAP_BUDGET = 1 << 21
+
+
+def _axis_taps(start: Tensor, length: Tensor, grid: Tensor, g_max: int, n_out: int, size: int
+               ) -> tuple[Tensor, Tensor]:
+    """Bilinear taps along one axis.
+
+    Args:
+        start, length (Tensor[K]): RoI start and side in feature pixels (input dtype).
+        grid (Tensor[K] int64): sampling points per bin for each RoI (<= g_max).
+        n_out: output bins along the axis; size: feature size along the axis.
+    Returns:
+        idx (Tensor[K, n_out, g_max, 2] int64) low/high pixel, w (same shape, input dtype).
+    """
+    dtype, device = start.dtype, start.device
+    bin_size = (length / n_out)[:, None, None]
+    p = torch.arange(n_out, device=device, dtype=dtype)[None, :, None]
+    i = (torch.arange(g_max, device=device, dtype=dtype) + 0.5)[None, None, :]
+    # same operation order as torchvision: start + p * bin + (i + .5) * bin / grid
+    # grid 0 (an empty aligned RoI) has no samples; dividing by 1 instead keeps pos finite
+    pos = start[:, None, None] + p * bin_size + i * bin_size / grid.clamp(min=1).to(dtype)[:, None, None]
+    valid = (pos >= -1.0) & (pos <= size) & (torch.arange(g_max, device=device) < grid[:, None, None])
+    pos = pos.clamp(min=0)
+    # pos >= 0, so truncation is floor; the clamp only guards invalid (weight 0) taps
+    low = pos.clamp(max=size).to(torch.int64).clamp(0, size - 1)
+    edge = low >= size - 1
+    low = torch.where(edge, size - 1, low)
+    high = torch.where(edge, size - 1, low + 1)
+    pos = torch.where(edge, low.to(dtype), pos)
+    frac = pos - low.to(dtype)
+    w = torch.stack([1 - frac, frac], -1) * valid[..., None]
+    return torch.stack([low, high], -1), w
+
+
+def _roi_geometry(rois: Tensor, output_size: Sequence[int], spatial_scale: float,
+                  sampling_ratio: int, aligned: bool, dtype: torch.dtype):
+    """rois (K, 5) -> y0, x0, roi_h, roi_w (K,) in feature pixels; grid_h, grid_w (K,) int64."""
+    r = rois.to(dtype)
+    offset = 0.5 if aligned else 0.0
+    x0 = r[:, 1] * spatial_scale - offset
+    y0 = r[:, 2] * spatial_scale - offset
+    roi_w = (r[:, 3] * spatial_scale - offset) - x0
+    roi_h = (r[:, 4] * spatial_scale - offset) - y0
+    if not aligned:  # legacy behaviour: force malformed RoIs to be 1x1
+        roi_w = roi_w.clamp(min=1.0)
+        roi_h = roi_h.clamp(min=1.0)
+    if sampling_ratio > 0:
+        grid_h = torch.full_like(roi_h, sampling_ratio, dtype=torch.int64)
+        grid_w = grid_h
+    else:
+        grid_h = torch.ceil(roi_h / output_size[0]).to(torch.int64)
+        grid_w = torch.ceil(roi_w / output_size[1]).to(torch.int64)
+    return y0, x0, roi_h, roi_w, grid_h, grid_w
+
+
+def _chunks(cost: Tensor, per_unit: int, budget: int) -> Iterator[Tensor]:
+    """Yield index tensors of RoIs, sorted by cost (K,), each chunk's (count * max cost * per_unit)
+    within budget (at least one RoI per chunk). Loops over chunks, never over RoIs."""
+    order = torch.argsort(cost)
+    sorted_cost = cost[order].tolist()
+    k, start = len(sorted_cost), 0
+    while start < k:
+        # sorted ascending, so a chunk's maximum is its last element
+        c = torch.tensor(sorted_cost[start:]).clamp(min=1) * per_unit
+        fits = int((torch.arange(1, k - start + 1) * c <= budget).sum())
+        end = start + max(1, fits)
+        yield order[start:end]
+        start = end
+
+
+def _axis_matrix(idx: Tensor, w: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Fold one axis' taps into a dense interpolation matrix over the pixels the RoI touches.
+
+    Args:
+        idx, w (Tensor[k, P, G, 2]): taps of `_axis_taps` for k RoIs, P output bins.
+        length: pixels along the axis.
+    Returns:
+        pix (Tensor[k, L] int64): the pixels (rows or columns) the RoI reads,
+        m (Tensor[k, P, L]): weights, m[k, p, l] = sum of w over taps of bin p that read pix[k, l].
+    The pixels are the contiguous window spanned by the taps when that is shorter than the tap
+    list (small RoIs: samples share pixels), else the taps themselves (large RoIs, sparse samples).
+    L is the largest such length among the k RoIs; padding pixels get weight 0.
+    """
+    k, n_bins = idx.shape[:2]
+    taps = idx.reshape(k, -1)  # (k, T), T = P * G * 2
+    n_taps = taps.shape[1]
+    lo = taps.amin(1)
+    extent = taps.amax(1) - lo + 1
+    window = extent <= n_taps
+    n_pix = int(torch.where(window, extent, n_taps).max())
+    ar = torch.arange(n_pix, device=idx.device)
+    pix_window = (lo[:, None] + ar).clamp(max=length - 1)
+    pix_taps = taps[:, ar.clamp(max=n_taps - 1)]
+    pix = torch.where(window[:, None], pix_window, pix_taps)
+    # where each tap lands in pix: offset from lo (window) or its own slot (taps)
+    slot = torch.where(window[:, None], taps - lo[:, None], torch.arange(n_taps, device=idx.device))
+    m = w.new_zeros((k, n_bins, n_pix))
+    m.scatter_add_(2, slot.view(k, n_bins, -1), w.reshape(k, n_bins, -1))
+    return pix, m
+
+
+def _plan(rois: Tensor, height: int, width: int, output_size: Sequence[int], spatial_scale: float,
+          sampling_ratio: int, aligned: bool, dtype: torch.dtype, channels: int
+          ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Yield per chunk of RoIs: ids (k,), crop (k, Ly, Lx) flat indices into the channels-last
+    map (N*H*W, C), my (k, oh, Ly) and mx (k, ow, Lx) with out = my @ crop @ mx^T per channel.
+
+    my already carries 1 / (samples per bin), so the bin value is a plain sum."""
+    oh, ow = output_size
+    y0, x0, rh, rw, gh, gw = _roi_geometry(rois, output_size, spatial_scale, sampling_ratio,
+                                           aligned, dtype)
+    batch = rois[:, 0].to(torch.int64)
+    # crop side per RoI: at most the tap count, at most the RoI's pixel span (+2 bilinear taps)
+    span_y = torch.minimum(2 * oh * gh.clamp(min=1), rh.ceil().long() + 2)
+    span_x = torch.minimum(2 * ow * gw.clamp(min=1), rw.ceil().long() + 2)
+    cost = span_y.clamp(1, height) * span_x.clamp(1, width)
+    for ids in _chunks(cost, channels, _GATHER_BUDGET):
+        iy, wy = _axis_taps(y0[ids], rh[ids], gh[ids], max(1, int(gh[ids].max())), oh, height)
+        ix, wx = _axis_taps(x0[ids], rw[ids], gw[ids], max(1, int(gw[ids].max())), ow, width)
+        wy = wy / (gh[ids] * gw[ids]).clamp(min=1).to(dtype)[:, None, None, None]
+        rows, my = _axis_matrix(iy, wy, height)  # (k, Ly), (k, oh, Ly)
+        cols, mx = _axis_matrix(ix, wx, width)   # (k, Lx), (k, ow, Lx)
+        crop = ((batch[ids, None] * height + rows) * width)[:, :, None] + cols[:, None, :]
+        yield ids, crop, my, mx
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N*H*W, C); free when x is already channels-last in memory."""
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+def _forward(input: Tensor, rois: Tensor, output_size: Sequence[int], spatial_scale: float,
+             sampling_ratio: int, aligned: bool) -> Tensor:
+    n, c, h, w = input.shape
+    oh, ow = output_size
+    out = input.new_zeros((rois.shape[0], oh, ow, c))
+    if rois.shape[0] == 0 or input.numel() == 0:
+        return out.permute(0, 3, 1, 2).contiguous()
+    feat = _channels_last(input)
+    for ids, crop, my, mx in _plan(rois, h, w, output_size, spatial_scale, sampling_ratio, aligned,
+                                   input.dtype, c):
+        k, ly, lx = crop.shape
+        patch = feat.index_select(0, crop.view(-1)).view(k, ly, lx * c)  # (k, Ly, Lx*C)
+        rows = torch.bmm(my, patch).view(k * oh, lx, c)  # interpolate along y: (k*oh, Lx, C)
+        mxr = mx[:, None].expand(k, oh, ow, lx).reshape(k * oh, ow, lx)
+        out.index_copy_(0, ids, torch.bmm(mxr, rows).view(k, oh, ow, c))  # then along x
+    return out.permute(0, 3, 1, 2).contiguous()  # (K, oh, ow, C) -> (K, C, oh, ow)
+
+
+def _backward(grad: Tensor, rois: Tensor, input_shape: Sequence[int], output_size: Sequence[int],
+              spatial_scale: float, sampling_ratio: int, aligned: bool) -> Tensor:
+    """grad (K, C, oh, ow) -> (N, C, H, W): the transposed interpolation, scattered with index_add_."""
+    n, c, h, w = input_shape
+    oh, ow = output_size
+    gfeat = grad.new_zeros((n * h * w, c))
+    if rois.shape[0] > 0 and gfeat.numel() > 0:
+        g_bins = grad.permute(0, 2, 3, 1)  # (K, oh, ow, C)
+        for ids, crop, my, mx in _plan(rois, h, w, output_size, spatial_scale, sampling_ratio,
+                                       aligned, grad.dtype, c):
+            k, ly, lx = crop.shape
+            g = g_bins[ids].reshape(k * oh, ow, c)
+            mxr = mx[:, None].expand(k, oh, ow, lx).reshape(k * oh, ow, lx)
+            g_rows = torch.bmm(mxr.transpose(1, 2), g).view(k, oh, lx * c)  # (k, oh, Lx*C)
+            g_patch = torch.bmm(my.transpose(1, 2), g_rows)  # (k, Ly, Lx*C)
+            gfeat.index_add_(0, crop.view(-1), g_patch.view(-1, c))
+    return gfeat.view(n, h, w, c).permute(0, 3, 1, 2).contiguous()
+
+
+# --- custom ops ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("frcnn::roi_align", mutates_args=())
+def _roi_align_op(input: Tensor, rois: Tensor, output_size: Sequence[int], spatial_scale: float,
+                  sampling_ratio: int, aligned: bool) -> Tensor:
+    return _forward(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+
+
+@_roi_align_op.register_fake
+def _(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    return input.new_empty((rois.shape[0], input.shape[1], output_size[0], output_size[1]))
+
+
+@torch.library.custom_op("frcnn::roi_align_backward", mutates_args=())
+def _roi_align_backward_op(grad: Tensor, rois: Tensor, input_shape: Sequence[int],
+                           output_size: Sequence[int], spatial_scale: float, sampling_ratio: int,
+                           aligned: bool) -> Tensor:
+    return _backward(grad, rois, input_shape, output_size, spatial_scale, sampling_ratio, aligned)
+
+
+@_roi_align_backward_op.register_fake
+def _(grad, rois, input_shape, output_size, spatial_scale, sampling_ratio, aligned):
+    return grad.new_empty(tuple(input_shape))
+
+
+def _setup_context(ctx, inputs, output):
+    input, rois, output_size, spatial_scale, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(rois)
+    ctx.args = (list(input.shape), list(output_size), spatial_scale, sampling_ratio, aligned)
+
+
+def _grad(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    g = torch.ops.frcnn.roi_align_backward(grad.contiguous(), rois, *ctx.args)
+    return g, None, None, None, None, None
+
+
+_roi_align_op.register_autograd(_grad, setup_context=_setup_context)
+
+
+# --- public API ---------------------------------------------------------------------------------
+
+
+def _pair(size: int | Sequence[int]) -> list[int]:
+    return [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
+
+
+def roi_align(input: Tensor, rois: Tensor, output_size: int | Sequence[int], spatial_scale: float = 1.0,
+              sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+    """RoIAlign (Mask R-CNN), torchvision semantics.
+
+    Args:
+        input (Tensor[N, C, H, W]): features.
+        rois (Tensor[K, 5]): (batch_idx, x1, y1, x2, y2) in image pixels.
+        output_size: (oh, ow) or an int for square bins.
+        spatial_scale: feature pixels per image pixel (1/stride).
+        sampling_ratio: points per bin side; <= 0 means adaptive ceil(roi_side / output_side).
+        aligned: shift by -0.5 pixel so that pixel centres line up (Detectron2 behaviour).
+    Returns:
+        Tensor[K, C, oh, ow], input dtype. Differentiable wrt input.
+    """
+    return torch.ops.frcnn.roi_align(input, rois, _pair(output_size), float(spatial_scale),
+                                     int(sampling_ratio), bool(aligned))

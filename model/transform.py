@@ -1,0 +1,77 @@
+"""Preprocessing: normalize, resize (shorter side to min_size unless the longer would pass max_size),
+pad the batch to a multiple of size_divisible. Numerics follow torchvision's GeneralizedRCNNTransform.
+
+Shape shorthand: B images, h, w an original image, H, W the padded batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from model.config import TransformConfig
+
+
+class ImageBatch(NamedTuple):
+    images: torch.Tensor  # (B, 3, H, W) float32, normalized, zero-padded
+    image_sizes: torch.Tensor  # (B, 2) int64: resized (h, w) of each image inside the padding
+    original_sizes: torch.Tensor  # (B, 2) int64: (h, w) before resizing
+
+
+def resized_size(h: int, w: int, min_size: float, max_size: float) -> tuple[int, int]:
+    """The (h, w) an image is resized to; scale = min(min_size / short side, max_size / long side),
+    in float64 with the sizes floored, as torchvision's eager transform does."""
+    scale = min(float(min_size) / min(h, w), float(max_size) / max(h, w))
+    return int(math.floor(h * scale)), int(math.floor(w * scale))
+
+
+def to_float(image: torch.Tensor) -> torch.Tensor:
+    """(3, h, w) uint8 0..255 or float 0..1 -> float32 0..1."""
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected an image of shape (3, h, w), got {tuple(image.shape)}")
+    if image.dtype == torch.uint8:
+        return image.float().div_(255)
+    return image.float()
+
+
+def normalize_resize(image: torch.Tensor, cfg: TransformConfig, min_size: int | None = None) -> torch.Tensor:
+    """(3, h, w) uint8 or float 0..1 -> (3, h', w') normalized, resized with bilinear, align_corners=False."""
+    x = to_float(image)
+    mean = torch.as_tensor(cfg.image_mean, dtype=x.dtype, device=x.device)[:, None, None]
+    std = torch.as_tensor(cfg.image_std, dtype=x.dtype, device=x.device)[:, None, None]
+    x = (x - mean) / std
+    size = resized_size(x.shape[1], x.shape[2], cfg.min_size if min_size is None else min_size, cfg.max_size)
+    return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def pad_batch(images: list[torch.Tensor], size_divisible: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(3, h_i, w_i)] -> (B, 3, H, W) zero-padded at bottom/right with H, W multiples of size_divisible,
+    and the (B, 2) int64 sizes."""
+    H = max(im.shape[1] for im in images)
+    W = max(im.shape[2] for im in images)
+    H = int(math.ceil(H / size_divisible) * size_divisible)
+    W = int(math.ceil(W / size_divisible) * size_divisible)
+    out = images[0].new_zeros((len(images), 3, H, W))
+    for i, im in enumerate(images):
+        out[i, :, : im.shape[1], : im.shape[2]].copy_(im)
+    sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images], dtype=torch.int64)
+    return out, sizes
+
+
+def preprocess(images: list[torch.Tensor], cfg: TransformConfig, min_size: int | None = None) -> ImageBatch:
+    """[(3, h, w) uint8 or float 0..1] -> ImageBatch. min_size overrides cfg.min_size (scale jitter)."""
+    if not images:
+        raise ValueError("preprocess needs at least one image")
+    resized = [normalize_resize(im, cfg, min_size) for im in images]
+    batch, sizes = pad_batch(resized, cfg.size_divisible)
+    original = torch.tensor([[im.shape[1], im.shape[2]] for im in images], dtype=torch.int64)
+    return ImageBatch(batch, sizes, original)
+
+
+def scale_boxes(boxes: torch.Tensor, from_hw: torch.Tensor, to_hw: torch.Tensor) -> torch.Tensor:
+    """boxes (..., 4) xyxy in an image of size from_hw (2,) -> the same boxes in an image of size to_hw."""
+    ratio = to_hw.to(torch.float32) / from_hw.to(torch.float32)  # (h ratio, w ratio)
+    return boxes * torch.stack([ratio[1], ratio[0], ratio[1], ratio[0]]).to(boxes.dtype)

@@ -1,0 +1,148 @@
+"""Decode untrusted image bytes into the one array layout the pipeline takes.
+
+Output everywhere: np.ndarray (h, w, 3) uint8 RGB, EXIF orientation applied, first frame of
+animations and multi-page files. Every failure is an `ImageError` subclass so a caller (the
+server) can map it to a client error without catching broad exceptions:
+
+    EmptyImageError       no bytes at all
+    UnsupportedImageError bytes that no decoder recognises (not an image, or a format we do not take)
+    CorruptImageError     a recognised format whose data is truncated or damaged
+    ImageTooLargeError    more pixels than `max_pixels` (decompression bombs), checked from the
+                          header before any pixel is decoded
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "SUPPORTED_FORMATS",
+    "CorruptImageError",
+    "EmptyImageError",
+    "ImageError",
+    "ImageTooLargeError",
+    "UnsupportedImageError",
+    "load_image",
+    "to_rgb_array",
+]
+
+# Pillow format names accepted. Others Pillow could open (EPS runs Ghostscript, PSD, ICO...)
+# are refused: a smaller decoder surface for untrusted uploads.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
+
+DEFAULT_MAX_PIXELS = 40_000_000
+
+# A truncated upload must fail, not decode as grey padding.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageError(ValueError):
+    """Base class: the bytes are not an image we can decode."""
+
+
+class EmptyImageError(ImageError):
+    pass
+
+
+class UnsupportedImageError(ImageError):
+    pass
+
+
+class CorruptImageError(ImageError):
+    pass
+
+
+class ImageTooLargeError(ImageError):
+    pass
+
+
+def load_image(data: bytes | bytearray | memoryview | str | os.PathLike, *,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode `data` (encoded bytes, or a path to a file) to (h, w, 3) uint8 RGB.
+
+    Orientation from EXIF is applied, so h, w are the displayed height and width and boxes
+    predicted on the result are in the pixels a viewer sees. `max_pixels=None` disables the limit.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        data = Path(data).read_bytes()
+    data = bytes(data)
+    if not data:
+        raise EmptyImageError("empty file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb check warns above its global limit; ours is the one that applies.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(str(e)) from None
+    except UnidentifiedImageError:
+        raise UnsupportedImageError("not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError) as e:  # header present but damaged
+        raise CorruptImageError(f"cannot read image header: {e}") from None
+    with img:
+        if img.format not in SUPPORTED_FORMATS:
+            raise UnsupportedImageError(f"unsupported image format {img.format}")
+        w, h = img.size
+        if w <= 0 or h <= 0:
+            raise CorruptImageError(f"image has no pixels ({w}x{h})")
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageTooLargeError(f"image has {w}x{h} = {w * h} pixels, limit is {max_pixels}")
+        try:
+            img.seek(0)  # first frame of GIF / WebP animations and multi-page TIFF
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb_array(img)
+        except Image.DecompressionBombError as e:
+            raise ImageTooLargeError(str(e)) from None
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+            raise CorruptImageError(f"cannot decode image: {e}") from None
+
+
+def to_rgb_array(img: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> (h, w, 3) uint8 RGB.
+
+    16-bit and 32-bit integer greyscale (I;16*, I) and float (F) are scaled by their bit depth
+    instead of clipped, which is what `Image.convert("RGB")` would do. Alpha is composited on
+    white, the background a viewer sees transparent regions on.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        arr = np.asarray(img, dtype=np.uint8)
+    elif mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img).astype(np.float64)
+        # "I" holds 16-bit data from PNG/TIFF in practice; fall back to the observed range above it.
+        top = 65535.0 if mode.startswith("I;16") or a.max(initial=0) <= 65535 else float(a.max())
+        grey = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        arr = np.repeat(grey[:, :, None], 3, axis=2)
+    elif mode == "F":
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        lo, hi = float(a.min(initial=0.0)), float(a.max(initial=0.0))
+        if hi > 1.0 or lo < 0.0:  # not a 0..1 image: stretch its range
+            a = (a - lo) / max(hi - lo, 1e-12)
+        grey = np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
+        arr = np.repeat(grey[:, :, None], 3, axis=2)
+    elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        arr = np.asarray(Image.alpha_composite(background, rgba).convert("RGB"), dtype=np.uint8)
+    elif mode == "LAB":
+        from PIL import ImageCms
+
+        srgb = ImageCms.createProfile("sRGB")
+        lab = ImageCms.createProfile("LAB")
+        transform = ImageCms.buildTransform(lab, srgb, "LAB", "RGB")
+        arr = np.asarray(ImageCms.applyTransform(img, transform), dtype=np.uint8)
+    else:  # L, 1, P, CMYK, YCbCr, HSV, RGBX, ...
+        arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise CorruptImageError(f"decoded array has shape {arr.shape}, expected (h, w, 3)")
+    arr = np.ascontiguousarray(arr)
+    # Pillow's buffers come back read-only; torch.from_numpy warns on those.
+    return arr if arr.flags.writeable else arr.copy()

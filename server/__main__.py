@@ -1,0 +1,54 @@
+"""python -m server [--model PATH] [--backend ...] [--host] [--port] [--max-batch-size] [--max-delay-ms]
+[--workers]. Options override FRCNN_* environment variables; everything else comes from them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from server.settings import Settings
+
+_OPTIONS = (
+    ("--model", str, "checkpoint dir, .onnx or .engine (default: the bundled demo checkpoint)"),
+    ("--host", str, "bind address"),
+    ("--port", int, "bind port"),
+    ("--max-batch-size", int, "images per backend call"),
+    ("--max-delay-ms", float, "longest wait for a batch to fill"),
+    ("--workers", int, "decode/preprocess threads"),
+    ("--queue-size", int, "images waiting before 503"),
+    ("--intra-op-threads", int, "backend threads"),
+    ("--log-level", str, "critical|error|warning|info|debug"),
+)
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__)
+    for flag, typ, help_ in _OPTIONS:
+        parser.add_argument(flag, type=typ, default=None, help=help_)
+    parser.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "tensorrt"], default=None)
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        parser.error(str(e))
+        raise  # unreachable: parser.error exits
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = parse_settings(argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=int(settings.request_timeout_s) + 5, access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

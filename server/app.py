@@ -1,0 +1,264 @@
+"""create_app(settings): the FastAPI app. The model loads and warms up in the lifespan, never at import.
+
+Routes: POST /detect, GET /health, /ready, /metrics, /model, / (page), /docs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import APIKeyHeader
+
+from runtime.images import ImageError
+from server.batcher import MicroBatcher, Overloaded
+from server.engine import Answer, Engine, Job
+from server.errors import ApiError, image_error, install_handlers
+from server.inputs import parse
+from server.metrics import Metrics
+from server.model_source import load_pipeline
+from server.schemas import (
+    DetectJSON,
+    DetectResponse,
+    Detection,
+    ErrorBody,
+    Health,
+    ImageResult,
+    ModelInfo,
+    ModelSummary,
+    Timing,
+)
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": why} for code, why in (
+        (400, "empty image, bad base64 or malformed body"), (401, "missing or wrong X-API-Key"),
+        (413, "upload, image pixels or image count over the limit"), (415, "not an image / not a supported type"),
+        (422, "truncated or damaged image, invalid option"), (503, "queue full or not ready (see Retry-After)"),
+        (504, "request timed out"),
+    )
+}
+
+_DETECT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                "image": {"type": "string", "format": "binary"},
+                "score_threshold": {"type": "number"}, "max_detections": {"type": "integer"},
+                "classes": {"type": "string", "description": "names or ids, comma-separated"}}}},
+            "application/json": {"schema": DetectJSON.model_json_schema()},
+        },
+    }
+}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics(settings.max_batch_size)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = app.state
+        pipe = await asyncio.to_thread(load_pipeline, settings)
+        engine = Engine(pipe, max_pixels=settings.max_pixels)
+        warm_s = await asyncio.to_thread(engine.warmup)
+        engine.on_backend = metrics.backend.observe
+        log.info("model %s (%s) warmed up in %.2fs", engine.model_name, engine.backend_name, warm_s)
+
+        def prepare(job: Job):
+            t0 = time.perf_counter()
+            try:
+                return engine.prepare(job)
+            finally:
+                metrics.preprocess.observe(time.perf_counter() - t0)
+
+        batcher = MicroBatcher(prepare=prepare, handle=engine.handle, max_batch_size=settings.max_batch_size,
+                               max_delay_s=settings.max_delay_ms / 1000.0, queue_size=settings.queue_size,
+                               workers=settings.workers, on_batch=metrics.observe_batch)
+        await batcher.start()
+        metrics.queue_depth.set_function(lambda: batcher.depth)
+        state.engine, state.batcher, state.draining = engine, batcher, False
+        metrics.ready.set(1)
+        try:
+            yield
+        finally:
+            # Uvicorn has already waited for in-flight requests; answer anything still queued.
+            state.draining = True
+            metrics.ready.set(0)
+            await batcher.stop(timeout_s=settings.request_timeout_s)
+            log.info("server stopped: queue drained")
+
+    app = FastAPI(title="frcnn", version="0.1.0", lifespan=lifespan,
+                  description="Faster R-CNN object detection. POST images to /detect.")
+    app.state.settings, app.state.metrics = settings, metrics
+    app.state.engine = app.state.batcher = None
+    app.state.draining = False
+    install_handlers(app)
+    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"], max_age=600)
+
+    key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                              description="required when the server has an api_key")
+
+    def require_key(key: str | None = Depends(key_header)) -> None:
+        if settings.api_key and not (key and secrets.compare_digest(key, settings.api_key)):
+            raise ApiError(401, "unauthorized", "missing or wrong X-API-Key header",
+                           headers={"WWW-Authenticate": "X-API-Key"})
+
+    def engine_of(request: Request) -> Engine:
+        engine = request.app.state.engine
+        if engine is None or request.app.state.draining:
+            raise ApiError(503, "not_ready", "model not loaded or server stopping", headers={"Retry-After": "1"})
+        return engine
+
+    @app.post("/detect", response_model=DetectResponse, responses=_ERRORS, openapi_extra=_DETECT_BODY,
+              dependencies=[Depends(require_key)], summary="Detect objects in one or more images")
+    async def detect(request: Request) -> DetectResponse:
+        t_start = time.perf_counter()
+        engine = engine_of(request)
+        batcher: MicroBatcher = request.app.state.batcher
+        inp = await parse(request, max_upload_bytes=settings.max_upload_bytes,
+                          max_images=settings.max_images_per_request)
+        try:
+            classes = engine.class_ids(inp.classes) if inp.classes else None
+        except KeyError as e:
+            raise ApiError(422, "unknown_class", str(e.args[0])) from None
+        score = settings.score_threshold if inp.score_threshold is None else inp.score_threshold
+        top_k = settings.max_detections if inp.max_detections is None else inp.max_detections
+        jobs = [Job(name, data, score, top_k, classes) for name, data in inp.images]
+        if batcher.queue_size - batcher.depth < len(jobs):
+            metrics.rejected.inc(len(jobs))
+            raise ApiError(503, "overloaded", "queue full, retry later", headers={"Retry-After": "1"})
+        futures = []
+        try:
+            for job in jobs:
+                futures.append(batcher.submit_nowait(job))
+        except Overloaded as e:
+            for f in futures:
+                f.cancel()
+            metrics.rejected.inc(len(jobs))
+            raise ApiError(503, "overloaded", str(e), headers={"Retry-After": "1"}) from None
+        try:
+            answers = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True),
+                                             settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            metrics.images.labels("timeout").inc(len(jobs))
+            raise ApiError(504, "timeout", f"no answer within {settings.request_timeout_s}s") from None
+        for job, answer in zip(jobs, answers, strict=True):
+            if isinstance(answer, BaseException):
+                metrics.images.labels("error").inc()
+                if isinstance(answer, ImageError):
+                    raise image_error(answer, job.name)
+                if isinstance(answer, Overloaded):
+                    raise ApiError(503, "overloaded", str(answer), headers={"Retry-After": "1"})
+                log.error("inference failed for %s", job.name, exc_info=answer)
+                raise ApiError(500, "inference_error", f"{job.name}: inference failed", image=job.name)
+        metrics.images.labels("ok").inc(len(jobs))
+        return _response(engine, answers, t_start)
+
+    @app.get("/health", response_model=Health, summary="Liveness: the process answers")
+    async def health() -> Health:
+        return Health(status="ok")
+
+    @app.get("/ready", response_model=Health, responses={503: {"model": ErrorBody}},
+             summary="Readiness: model loaded and warmed up, not shutting down")
+    async def ready(request: Request) -> Any:
+        if request.app.state.engine is None or request.app.state.draining:
+            return JSONResponse({"error": "not_ready", "detail": "loading or stopping", "image": None},
+                                status_code=503, headers={"Retry-After": "1"})
+        return Health(status="ready")
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/model", response_model=ModelInfo, dependencies=[Depends(require_key)],
+             summary="Model name, classes, backend and input settings")
+    async def model_info(request: Request) -> ModelInfo:
+        engine = engine_of(request)
+        return ModelInfo(name=engine.model_name, backend=engine.backend_name, classes=engine.class_names,
+                         input=_jsonable(engine.input_settings), max_batch_size=settings.max_batch_size,
+                         score_threshold=settings.score_threshold, max_detections=settings.max_detections)
+
+    page = resources.files("server").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    return app
+
+
+def _response(engine: Engine, answers: list[Answer], t_start: float) -> DetectResponse:
+    names = engine.class_names
+    results = []
+    for a in answers:
+        dets = [Detection(box=[round(float(v), 2) for v in box], score=round(float(s), 4),
+                          label=names[int(lab)] if 0 <= int(lab) < len(names) else str(int(lab)),
+                          label_id=int(lab))
+                for box, s, lab in zip(a.boxes.tolist(), a.scores.tolist(), a.labels.tolist(), strict=True)]
+        results.append(ImageResult(image=a.name, width=a.width, height=a.height, detections=dets))
+    ms = 1000.0
+    timing = Timing(
+        decode=round(sum(a.decode_s for a in answers) * ms, 3),
+        preprocess=round(sum(a.preprocess_s for a in answers) * ms, 3),
+        queue=round(max(a.queue_s for a in answers) * ms, 3),
+        inference=round(max(a.backend_s for a in answers) * ms, 3),
+        postprocess=round(max(a.postprocess_s for a in answers) * ms, 3),
+        total=round((time.perf_counter() - t_start) * ms, 3),
+    )
+    return DetectResponse(results=results, model=ModelSummary(name=engine.model_name, backend=engine.backend_name),
+                          timing_ms=timing)
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if hasattr(v, "tolist"):
+            v = v.tolist()
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[k] = v
+    return out
+
+
+class _MetricsMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware overhead): requests by route template and status, latency."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(path, scope.get("method", ""), str(status)).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - t0)

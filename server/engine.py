@@ -1,0 +1,188 @@
+"""The server's view of a runtime.Pipeline: per-image prepare, batched handle, model info.
+
+    prepare(Job) -> Prepared      worker pool: decode (runtime.images) + resize/normalize
+    handle(list[Prepared]) -> list[Answer | Exception]
+                                  inference thread: collate, one backend call, class-wise NMS
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from runtime.images import load_image
+
+log = logging.getLogger(__name__)
+
+# With a class filter, ask the postprocess for this many before filtering, so that
+# max_detections counts only the kept classes.
+_PRE_FILTER_TOP_K = 1000
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image of one request, as it enters the batcher."""
+
+    name: str
+    data: bytes
+    score_threshold: float
+    max_detections: int
+    classes: frozenset[int] | None = None
+
+
+@dataclass
+class Prepared:
+    job: Job
+    width: int  # original, after EXIF orientation
+    height: int
+    item: Any  # pipe.prepare(...) result, or the decoded array when the pipeline has no prepare
+    decode_s: float
+    preprocess_s: float
+    ready_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Answer:
+    name: str
+    width: int
+    height: int
+    boxes: np.ndarray  # (n, 4) float32 xyxy, original pixels
+    scores: np.ndarray  # (n,)
+    labels: np.ndarray  # (n,) int64, >= 1
+    decode_s: float
+    preprocess_s: float
+    queue_s: float
+    backend_s: float  # the batch's backend call
+    postprocess_s: float  # the batch's postprocess, shared by its images
+    batch_size: int
+
+
+class Engine:
+    """Adapter between the batcher and a runtime.Pipeline (duck-typed: anything with the
+    methods of docs/CONTRACTS.md "runtime")."""
+
+    def __init__(self, pipe: Any, *, max_pixels: int) -> None:
+        self.pipe = pipe
+        self.max_pixels = max_pixels
+        self._per_item = hasattr(pipe, "prepare") and hasattr(pipe, "collate")
+        if not self._per_item:
+            log.warning("pipeline has no prepare/collate: preprocessing runs at batch time")
+        self.on_backend: Any = None  # callable(seconds) for metrics
+
+    # -- model facts ---------------------------------------------------------------------------
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.pipe.class_names)
+
+    @property
+    def model_name(self) -> str:
+        return str(getattr(self.pipe, "model_name", "model"))
+
+    @property
+    def backend_name(self) -> str:
+        return str(getattr(self.pipe, "backend_name", "unknown"))
+
+    @property
+    def input_settings(self) -> dict[str, Any]:
+        return dict(getattr(self.pipe, "input_settings", {}) or {})
+
+    def class_ids(self, wanted: list[str | int]) -> frozenset[int]:
+        """Names or ids -> label ids. Raises KeyError naming the unknown entry."""
+        names = self.class_names
+        index = {n: i for i, n in enumerate(names)}
+        ids = set()
+        for w in wanted:
+            if isinstance(w, int) or (isinstance(w, str) and w.strip().isdigit()):
+                i = int(w)
+                if not 1 <= i < len(names):
+                    raise KeyError(f"class id {i} out of range 1..{len(names) - 1}")
+            else:
+                if w not in index or index[w] == 0:
+                    raise KeyError(f"unknown class {w!r}")
+                i = index[w]
+            ids.add(i)
+        return frozenset(ids)
+
+    # -- worker pool ---------------------------------------------------------------------------
+
+    def prepare(self, job: Job) -> Prepared:
+        t0 = time.perf_counter()
+        image = load_image(job.data, max_pixels=self.max_pixels)
+        t1 = time.perf_counter()
+        item = self.pipe.prepare(image) if self._per_item else image
+        t2 = time.perf_counter()
+        h, w = image.shape[:2]
+        return Prepared(job=job, width=w, height=h, item=item, decode_s=t1 - t0, preprocess_s=t2 - t1)
+
+    # -- inference thread ----------------------------------------------------------------------
+
+    def handle(self, items: list[Prepared]) -> list[Answer]:
+        start = time.perf_counter()
+        if self._per_item:
+            batch = self.pipe.collate([p.item for p in items])
+        else:
+            batch = self.pipe.preprocess([p.item for p in items])
+        t0 = time.perf_counter()
+        raw = self.pipe.infer(batch)
+        t1 = time.perf_counter()
+        if self.on_backend is not None:
+            self.on_backend(t1 - t0)
+        options = [self._post_options(p.job) for p in items]
+        dets = self.pipe.postprocess(raw, batch, options)
+        t2 = time.perf_counter()
+        answers = []
+        for p, d in zip(items, dets, strict=True):
+            boxes, scores, labels = (_np(d.boxes).reshape(-1, 4), _np(d.scores).reshape(-1),
+                                     _np(d.labels).reshape(-1).astype(np.int64))
+            if p.job.classes is not None:
+                keep = np.isin(labels, np.fromiter(p.job.classes, dtype=np.int64))
+                keep &= scores >= p.job.score_threshold
+                boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+                boxes, scores, labels = (boxes[: p.job.max_detections], scores[: p.job.max_detections],
+                                         labels[: p.job.max_detections])
+            answers.append(Answer(
+                name=p.job.name, width=p.width, height=p.height, boxes=boxes, scores=scores, labels=labels,
+                decode_s=p.decode_s, preprocess_s=p.preprocess_s + (t0 - start) / len(items),
+                queue_s=max(0.0, start - p.ready_at), backend_s=t1 - t0, postprocess_s=t2 - t1,
+                batch_size=len(items)))
+        return answers
+
+    def _post_options(self, job: Job) -> Any:
+        from runtime import PostOptions
+
+        k = _PRE_FILTER_TOP_K if job.classes is not None else job.max_detections
+        kwargs: dict[str, Any] = {"score_threshold": job.score_threshold, "max_detections": k}
+        if "classes" in _fields(PostOptions) and job.classes is not None:
+            kwargs["classes"] = job.classes  # handle() filters again and cuts to max_detections
+        return PostOptions(**kwargs)
+
+    def warmup(self, sizes: tuple[tuple[int, int], ...] = ((480, 640),)) -> float:
+        """Run the whole path once per size (first calls allocate and tune). Returns seconds."""
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(0)
+        for h, w in sizes:
+            image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            item = self.pipe.prepare(image) if self._per_item else image
+            p = Prepared(job=Job("warmup", b"", 0.5, 10), width=w, height=h, item=item,
+                         decode_s=0.0, preprocess_s=0.0)
+            self.handle([p])
+        return time.perf_counter() - t0
+
+
+def _np(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _fields(cls: Any) -> set[str]:
+    fields_ = getattr(cls, "__dataclass_fields__", None)
+    if fields_ is not None:
+        return set(fields_)
+    return set(inspect.signature(cls).parameters)

@@ -1,0 +1,86 @@
+"""Every server setting, in one validated place.
+
+Sources, highest priority first: keyword arguments (the CLI passes its options this way),
+environment variables with the prefix FRCNN_ (FRCNN_MAX_BATCH_SIZE=16), a `.env` file, defaults.
+List settings take JSON or a comma-separated string: FRCNN_CORS_ORIGINS=https://a.example,https://b.example
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Backend = Literal["auto", "torch", "onnxruntime", "tensorrt"]
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+# Bundled demo model, served when no model is given (relative to the repository root).
+DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "demo-tiny-shapes"
+
+
+def _default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "frcnn"
+
+
+def _default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FRCNN_", env_file=".env", extra="ignore",
+                                      validate_default=True, protected_namespaces=())
+
+    # model and backend
+    model: Path | None = Field(None, description="checkpoint dir, .onnx or .engine; None = bundled demo")
+    backend: Backend = "auto"
+    cache_dir: Path = Field(default_factory=_default_cache_dir,
+                            description="where checkpoints exported to ONNX are cached")
+    intra_op_threads: int | None = Field(None, ge=1, description="backend threads; None = library default")
+
+    # network
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = Field(None, repr=False, description="if set, X-API-Key must match")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    log_level: LogLevel = "info"
+
+    # batching
+    max_batch_size: int = Field(8, ge=1, le=256)
+    max_delay_ms: float = Field(10.0, ge=0, le=10_000)
+    queue_size: int = Field(64, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0)
+    workers: int = Field(default_factory=_default_workers, ge=1, description="decode/preprocess threads")
+
+    # input limits
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_images_per_request: int = Field(16, ge=1)
+
+    # response defaults (a request may override them)
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    max_detections: int = Field(100, ge=1)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                import json
+
+                return json.loads(v)
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    @property
+    def model_path(self) -> Path:
+        return self.model if self.model is not None else DEMO_CHECKPOINT

@@ -1,0 +1,96 @@
+"""Training schemes and parameter freezing.
+
+end2end: the approximate joint training of the Faster R-CNN paper (section 3.2): one network, the
+four losses summed, gradients of the RoI head stopping at the proposal coordinates.
+
+alternating: the paper's 4-step alternating training, on one network:
+  1. RPN:             backbone + RPN trained on the RPN losses.
+  2. Fast R-CNN:      backbone + RoI head trained on the RoI-head losses, with the proposals of a
+                      frozen copy of the step-1 network (the paper precomputes them).
+  3. RPN tune:        shared backbone frozen; only the RPN layers trained.
+  4. Fast R-CNN tune: backbone and RPN frozen; only the RoI head trained.
+The paper starts step 2 from a second ImageNet-initialised backbone; here step 2 continues from the
+step-1 backbone (there may be no pretrained weights to restart from, e.g. the tiny preset), so the
+two networks share their features from step 2 on rather than from step 3.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from torch import nn
+
+RPN_LOSSES = ("loss_objectness", "loss_rpn_box_reg")
+ROI_LOSSES = ("loss_classifier", "loss_box_reg")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    parts: tuple[str, ...]  # losses computed and trained: "rpn", "roi" (FasterRCNN.losses(parts=...))
+    freeze: tuple[str, ...]  # parameter-name patterns kept frozen in this stage (besides the user's)
+    fixed_proposals: bool = False  # RoI head trained on a frozen copy's proposals (alternating step 2)
+
+    @property
+    def loss_keys(self) -> tuple[str, ...]:
+        return (RPN_LOSSES if "rpn" in self.parts else ()) + (ROI_LOSSES if "roi" in self.parts else ())
+
+
+def stages(scheme: str) -> list[Stage]:
+    if scheme == "end2end":
+        return [Stage("end2end", ("rpn", "roi"), ())]
+    if scheme == "alternating":
+        return [
+            Stage("1-rpn", ("rpn",), ("roi_heads",)),
+            Stage("2-fast-rcnn", ("roi",), ("rpn",), fixed_proposals=True),
+            Stage("3-rpn-tune", ("rpn",), ("backbone", "roi_heads")),
+            Stage("4-fast-rcnn-tune", ("roi",), ("backbone", "rpn")),
+        ]
+    raise ValueError(f"unknown scheme {scheme!r} (end2end | alternating)")
+
+
+def parse_patterns(text: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """'backbone.layer1,rpn' -> ('backbone.layer1', 'rpn')."""
+    if not text:
+        return ()
+    items = text.split(",") if isinstance(text, str) else text
+    return tuple(p.strip() for p in items if p.strip())
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """A pattern selects a parameter by a dotted prefix (`backbone.layer1` selects
+    `backbone.layer1.0.conv1.weight`, not `backbone.layer10...`) or by an fnmatch glob."""
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+    return name == pattern or name.startswith(pattern + ".")
+
+
+def set_trainable(net: nn.Module, frozen_patterns: tuple[str, ...], *, check: bool = True) -> list[str]:
+    """requires_grad = False for parameters matched by any pattern, True for the others.
+
+    Parameters that the model itself keeps frozen (requires_grad False at construction, e.g. a
+    frozen-BN affine or a stem frozen by the preset) are remembered on first call and stay frozen.
+    Returns the names of the frozen parameters. With `check`, a pattern matching nothing raises
+    (a typo would otherwise silently train everything).
+    """
+    if not hasattr(net, "_frcnn_model_frozen"):
+        net._frcnn_model_frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
+    names = [n for n, _ in net.named_parameters()]
+    if check:
+        for pattern in frozen_patterns:
+            if not any(name_matches(n, pattern) for n in names):
+                raise ValueError(f"freeze pattern {pattern!r} matches no parameter "
+                                 f"(top-level modules: {sorted({n.split('.')[0] for n in names})})")
+    frozen = []
+    for name, p in net.named_parameters():
+        freeze = name in net._frcnn_model_frozen or any(name_matches(name, pat) for pat in frozen_patterns)
+        p.requires_grad_(not freeze)
+        if freeze:
+            frozen.append(name)
+    return frozen
+
+
+def total_loss(losses: dict, loss_keys: tuple[str, ...]):
+    """Sum of the selected loss terms (the others are computed but do not train anything)."""
+    return sum(losses[k] for k in loss_keys)
