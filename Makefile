@@ -7,7 +7,7 @@ MODEL ?= checkpoints/demo-tiny-shapes
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install test test-fast serve bench bench-server lint demo-model golden refvenv docker k8s-render clean
+.PHONY: install test serve bench bench-server lint demo-model golden refvenv docker docker-gpu k8s-render clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,8 @@ bench-server: install
 
 lint: install
 	$(PY) -m ruff check .
+	$(VENV)/bin/hadolint deploy/Dockerfile deploy/Dockerfile.gpu
+	$(VENV)/bin/shellcheck --shell=sh deploy/gpu-entrypoint.sh
 
 demo-model: install
 	$(PY) -m train --data synthetic-shapes --preset tiny --out runs/demo-tiny-shapes --seed 0
@@ -44,8 +46,30 @@ refvenv: .refvenv/.installed
 	PIP_FIND_LINKS= PIP_CONFIG_FILE=/dev/null .refvenv/bin/pip install torch==2.13.0 torchvision==0.28.0 safetensors numpy pillow
 	touch $@
 
-golden: refvenv
-	.refvenv/bin/python tools/make_golden.py
+COCO := ../shared/data/coco128/train2017
+golden: install refvenv
+	.refvenv/bin/python tools/make_golden_ops.py
+	mkdir -p .cache
+	$(PY) tools/parity_weights.py --out .cache/r50_parity.pth
+	.refvenv/bin/python tools/make_golden_model.py --weights .cache/r50_parity.pth \
+		--out tests/fixtures/tv_r50_golden.safetensors $(addprefix $(COCO)/,000000000009.jpg 000000000036.jpg 000000000049.jpg 000000000078.jpg)
+
+IMAGE ?= frcnn
+TAG ?= latest
+
+# Images bake the model $(MODEL) (a directory under checkpoints/). Needs a Docker engine with BuildKit.
+docker:
+	@test -f $(MODEL)/model.safetensors || { echo "$(MODEL) missing: run 'make demo-model' first"; exit 1; }
+	docker build -f deploy/Dockerfile --build-arg MODEL_NAME=$(notdir $(MODEL)) -t $(IMAGE):$(TAG) .
+
+docker-gpu:
+	@test -f $(MODEL)/model.safetensors || { echo "$(MODEL) missing: run 'make demo-model' first"; exit 1; }
+	docker build -f deploy/Dockerfile.gpu --build-arg MODEL_NAME=$(notdir $(MODEL)) -t $(IMAGE)-gpu:$(TAG) .
+
+# Kubernetes manifests (base + overlays) as plain YAML in out/k8s/: kustomize/kubectl when present,
+# else tools/k8s_render.py's built-in renderer (tests check both agree). No cluster needed.
+k8s-render: install
+	$(PY) tools/k8s_render.py --all --out-dir out/k8s
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

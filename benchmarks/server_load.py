@@ -63,10 +63,14 @@ def backend_alone(model: Path, backend: str, images: list[np.ndarray], max_batch
             pipe.infer(batches[i % len(batches)])
             times.append(time.perf_counter() - t0)
             i += 1
-        med = statistics.median(times)
-        out["per_batch_s"][b] = med
-        out["throughput"][b] = b / med
-        print(f"  backend alone  batch {b:2d}: {med * 1000:8.1f} ms/batch  {b / med:7.2f} img/s  ({len(times)} runs)")
+        # The fastest run: on a shared machine the median mostly measures the neighbours. Taking the
+        # backend at its best makes both goals (overhead, throughput ratio) harder, not easier.
+        best, med = min(times), statistics.median(times)
+        out["per_batch_s"][b] = best
+        out.setdefault("per_batch_median_s", {})[b] = med
+        out["throughput"][b] = b / best
+        print(f"  backend alone  batch {b:2d}: {best * 1000:8.1f} ms/batch best, {med * 1000:8.1f} median  "
+              f"{b / best:7.2f} img/s  ({len(times)} runs)")
     # The whole offline path at batch 1 (decode excluded): prepare + infer + postprocess.
     t = []
     for im in images[:10]:
@@ -130,6 +134,8 @@ async def drive(url: str, payloads: list[tuple[str, bytes]], concurrency: int, s
     import httpx
 
     latencies: list[float] = []
+    overheads: list[float] = []  # per request: latency minus the backend time the server reports for it
+    backend: list[float] = []
     codes: dict[int, int] = {}
     stop = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -144,6 +150,10 @@ async def drive(url: str, payloads: list[tuple[str, bytes]], concurrency: int, s
                 r = await client.post("/detect", files={"images": (name, data, "image/jpeg")})
                 latencies.append(time.perf_counter() - t0)
                 codes[r.status_code] = codes.get(r.status_code, 0) + 1
+                if r.status_code == 200:
+                    inference = r.json()["timing_ms"]["inference"] / 1e3
+                    backend.append(inference)
+                    overheads.append(latencies[-1] - inference)
 
         async def ticker() -> None:
             while time.perf_counter() < stop:
@@ -156,7 +166,9 @@ async def drive(url: str, payloads: list[tuple[str, bytes]], concurrency: int, s
         wall = time.perf_counter() - t0
     ok = codes.get(200, 0)
     return {"requests": sum(codes.values()), "codes": codes, "wall_s": wall, "throughput": ok / wall,
-            "p50_ms": pct(latencies, 50) * 1e3, "p95_ms": pct(latencies, 95) * 1e3, "p99_ms": pct(latencies, 99) * 1e3}
+            "p50_ms": pct(latencies, 50) * 1e3, "p95_ms": pct(latencies, 95) * 1e3, "p99_ms": pct(latencies, 99) * 1e3,
+            "overhead_p50_ms": pct(overheads, 50) * 1e3, "backend_p50_ms": pct(backend, 50) * 1e3,
+            "overhead_frac_p50": pct([o / b for o, b in zip(overheads, backend, strict=True) if b > 0], 50)}
 
 
 def load_level(url: str, payloads, concurrency: int, seconds: float) -> dict:
@@ -232,13 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"server at {url}:")
         print(f"  {'conc':>4} {'req':>6} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'batch':>6} "
-              f"{'backend ms/batch':>16}")
+              f"{'backend ms/batch':>16} {'overhead p50 ms':>15}")
         report["levels"] = {}
         for c in levels:
             r = load_level(url, payloads, c, args.duration)
             report["levels"][c] = r
             print(f"  {c:4d} {r['requests']:6d} {r['throughput']:7.2f} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} "
-                  f"{r['p99_ms']:8.1f} {r['mean_batch']:6.2f} {r['server_backend_ms_per_batch']:16.1f}  {r['codes']}")
+                  f"{r['p99_ms']:8.1f} {r['mean_batch']:6.2f} {r['server_backend_ms_per_batch']:16.1f} "
+                  f"{r['overhead_p50_ms']:15.1f}  {r['codes']}")
         if args.soak and proc is not None:
             samples: list[tuple[float, float]] = []
             t0 = time.perf_counter()
@@ -267,9 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     if c1:
         summary["overhead_ms_vs_backend_alone"] = c1["p50_ms"] - model_1
         summary["overhead_frac_vs_backend_alone"] = (c1["p50_ms"] - model_1) / model_1
-        summary["overhead_ms_vs_server_backend"] = c1["p50_ms"] - c1["server_backend_ms_per_batch"]
-        summary["overhead_frac_vs_server_backend"] = summary["overhead_ms_vs_server_backend"] / c1[
-            "server_backend_ms_per_batch"]
+        # Per request, against the backend time of that very request: immune to the neighbours.
+        summary["overhead_ms_per_request_p50"] = c1["overhead_p50_ms"]
+        summary["overhead_frac_per_request_p50"] = c1["overhead_frac_p50"]
     top = report["levels"][levels[-1]]
     summary["throughput_ratio_top_vs_best_batched"] = top["throughput"] / alone["best_throughput"]
     report["summary"] = summary
@@ -277,12 +290,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  model time at batch 1 (backend alone): {model_1:.1f} ms; best batched backend throughput "
           f"{alone['best_throughput']:.2f} img/s")
     if c1:
-        print(f"  overhead at concurrency 1: {summary['overhead_ms_vs_backend_alone']:.1f} ms = "
-              f"{100 * summary['overhead_frac_vs_backend_alone']:.1f}% of model time (goal <= 10%); against the "
-              f"server's own backend time {summary['overhead_ms_vs_server_backend']:.1f} ms = "
-              f"{100 * summary['overhead_frac_vs_server_backend']:.1f}%")
+        print(f"  overhead at concurrency 1, per request (latency - that request's backend time): median "
+              f"{c1['overhead_p50_ms']:.1f} ms = {100 * c1['overhead_frac_p50']:.1f}% of its model time "
+              f"(median backend {c1['backend_p50_ms']:.1f} ms; goal <= 10%)")
+        print(f"    p50 latency - backend alone at batch 1: {summary['overhead_ms_vs_backend_alone']:.1f} ms = "
+              f"{100 * summary['overhead_frac_vs_backend_alone']:.1f}% (only meaningful on a quiet machine)")
+    # Contemporaneous view, robust to a noisy machine: what the same backend, at the batch sizes the
+    # server formed, would do if it never waited for the server (busy 100% of the wall time).
+    if top["server_backend_ms_per_batch"] == top["server_backend_ms_per_batch"]:  # not NaN
+        ideal = top["mean_batch"] / (top["server_backend_ms_per_batch"] / 1e3)
+        summary["throughput_ratio_top_vs_server_backend"] = top["throughput"] / ideal
     print(f"  throughput at concurrency {levels[-1]}: {top['throughput']:.2f} img/s = "
-          f"{summary['throughput_ratio_top_vs_best_batched']:.2f}x the best batched backend (goal >= 0.95x)")
+          f"{summary['throughput_ratio_top_vs_best_batched']:.2f}x the best batched backend alone (goal >= 0.95x)")
+    if "throughput_ratio_top_vs_server_backend" in summary:
+        print(f"    = {summary['throughput_ratio_top_vs_server_backend']:.2f}x the server's own backend at its mean "
+              f"batch of {top['mean_batch']:.1f} (the backend was busy {100 * top['server_backend_share']:.0f}% "
+              f"of the time)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
     return 0

@@ -218,6 +218,11 @@ def _int64_zero():
     return onnx.helper.make_tensor("zero", onnx.TensorProto.INT64, [1], [0])
 
 
+def nonzero_1d(mask):
+    """frcnn_export::nonzero_1d (export/wrappers.py): Tensor[N] bool -> Tensor[K] int64."""
+    return op.Squeeze(op.NonZero(mask), _i64([0]))
+
+
 _LOWERINGS: dict[str, Callable] = {
     "roi_align": roi_align,
     "multiscale_roi_align": multiscale_roi_align,
@@ -235,7 +240,9 @@ def translation_table() -> dict[Callable, Callable]:
     """{torch.ops.frcnn.<op>.default: lowering} for every frcnn op registered in this process."""
     import model.ops  # noqa: F401  (registers torch.ops.frcnn.*)
 
-    table = {}
+    import export.wrappers  # noqa: F401  (registers torch.ops.frcnn_export.*)
+
+    table = {torch.ops.frcnn_export.nonzero_1d.default: nonzero_1d}
     for name, fn in _LOWERINGS.items():
         packet = getattr(torch.ops.frcnn, name, None)
         if packet is not None:

@@ -10,6 +10,22 @@ import torch
 from torch import Tensor, nn
 
 
+@torch.library.custom_op("frcnn_export::nonzero_1d", mutates_args=())
+def nonzero_1d(mask: Tensor) -> Tensor:
+    """Tensor[N] bool -> Tensor[K] int64 indices of the True entries (lowered to ONNX NonZero).
+
+    torch.nonzero on a tensor whose length is itself data dependent (the RoI count R) gives its
+    count an upper bound beyond int64 that the ONNX exporter cannot write; as an op with its own
+    fake, the count is a plain unbacked size.
+    """
+    return torch.nonzero(mask).squeeze(1)
+
+
+@nonzero_1d.register_fake
+def _(mask):
+    return mask.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
+
+
 class RawGraph(nn.Module):
     """images [B, 3, H, W], image_sizes [B, 2] -> (batch_idx [R], scores [R, C], boxes [R, C, 4])."""
 
@@ -47,7 +63,7 @@ def padded_postprocess(
     cand_labels = labels.reshape(-1)
     cand_images = batch_idx[:, None].expand(r, c - 1).reshape(-1)
 
-    keep = torch.nonzero(cand_scores > score_thresh).squeeze(1)
+    keep = nonzero_1d(cand_scores > score_thresh)
     cand_scores, cand_boxes = cand_scores[keep], cand_boxes[keep]
     cand_labels, cand_images = cand_labels[keep], cand_images[keep]
     keep = torch.ops.frcnn.remove_small_boxes(cand_boxes, min_size)
@@ -62,7 +78,7 @@ def padded_postprocess(
     # is already in decreasing score; count earlier detections of the same image.
     one_hot = (cand_images[:, None] == torch.arange(num_images, device=scores.device)[None]).long()  # (n, B)
     rank = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # (n,)
-    within = torch.nonzero(rank < max_detections).squeeze(1)
+    within = nonzero_1d(rank < max_detections)
     img, rank = cand_images[within], rank[within]
 
     out_boxes = scores.new_zeros((num_images, max_detections, 4))

@@ -167,5 +167,6 @@ def rank_within_group(group: torch.Tensor, num_groups: int) -> torch.Tensor:
 
     Keeps "the first n per image" of a score-sorted list batched (no loop over images).
     """
-    one_hot = F.one_hot(group, num_groups)  # (K, G)
+    one_hot = (group[:, None] == torch.arange(num_groups, device=group.device)[None, :]).to(torch.int64)  # (K, G)
     return (one_hot.cumsum(0) * one_hot).sum(1) - 1
+

@@ -26,9 +26,9 @@ from server.inputs import parse
 from server.metrics import Metrics
 from server.model_source import load_pipeline
 from server.schemas import (
+    Detection,
     DetectJSON,
     DetectResponse,
-    Detection,
     ErrorBody,
     Health,
     ImageResult,

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.images import load_image
+from runtime.images import ImageShapeError, load_image
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,22 @@ class Engine:
     def prepare(self, job: Job) -> Prepared:
         t0 = time.perf_counter()
         image = load_image(job.data, max_pixels=self.max_pixels)
+        self._check_shape(*image.shape[:2])
         t1 = time.perf_counter()
         item = self.pipe.prepare(image) if self._per_item else image
         t2 = time.perf_counter()
         h, w = image.shape[:2]
         return Prepared(job=job, width=w, height=h, item=item, decode_s=t1 - t0, preprocess_s=t2 - t1)
+
+    def _check_shape(self, h: int, w: int) -> None:
+        """A very thin image resizes to zero rows or columns: the client's problem, not a 500."""
+        s = self.input_settings
+        if "min_size" not in s or "max_size" not in s:
+            return
+        scale = min(float(s["min_size"]) / min(h, w), float(s["max_size"]) / max(h, w))
+        if int(h * scale) < 1 or int(w * scale) < 1:
+            raise ImageShapeError(f"a {w}x{h} image resizes to {int(w * scale)}x{int(h * scale)} pixels "
+                                  f"(longer side at most {s['max_size']}): too elongated")
 
     # -- inference thread ----------------------------------------------------------------------
 

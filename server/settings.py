@@ -76,6 +76,12 @@ class Settings(BaseSettings):
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
 
+    @field_validator("model", "api_key", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        # FRCNN_MODEL= (set but empty, as templated deploy files write it) means "not given"
+        return None if isinstance(v, str) and not v.strip() else v
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:

@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-images")
     p.add_argument("--val-annotations")
     p.add_argument("--val-images")
+    p.add_argument("--synthetic-sizes", metavar="TRAIN,VAL", help="synthetic-shapes image counts (default 512,128)")
     p.add_argument("--preset", default="resnet50_fpn", help="model preset (ignored with --init)")
     p.add_argument("--init", help="checkpoint dir to fine-tune from; the predictor is re-initialised "
                                   "when the class count differs")
@@ -83,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = {k: v for k, v in shortcuts.items() if v is not None}
         if "freeze" in kwargs:
             kwargs["freeze"] = parse_patterns(kwargs["freeze"])
+        sizes = [int(v) for v in a.synthetic_sizes.split(",")] if a.synthetic_sizes else [None, None]
         data = DataSpec(source=a.data, train_annotations=a.train_annotations, train_images=a.train_images,
-                        val_annotations=a.val_annotations, val_images=a.val_images)
+                        val_annotations=a.val_annotations, val_images=a.val_images,
+                        synthetic_train_size=sizes[0], synthetic_val_size=sizes[1])
         spec = make_spec(data=data, out=a.out, preset=a.preset, seed=a.seed, overrides=overrides, init=a.init,
                          device=a.device, train_kwargs=kwargs)
         result = start(spec)

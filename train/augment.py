@@ -31,7 +31,7 @@ def random_hflip(
     images: list[torch.Tensor], targets: list[dict], generator: torch.Generator, p: float = 0.5
 ) -> tuple[list[torch.Tensor], list[dict]]:
     out_images, out_targets = [], []
-    for image, target in zip(images, targets):
+    for image, target in zip(images, targets, strict=True):
         if p > 0 and torch.rand((), generator=generator).item() < p:
             image, boxes = hflip(image, target["boxes"])
             target = {**target, "boxes": boxes}

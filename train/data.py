@@ -77,7 +77,7 @@ def build_datasets(spec: DataSpec):
 
 def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
     """Keeps images as a list (sizes differ); the model's preprocess resizes and pads."""
-    images, targets = zip(*batch)
+    images, targets = zip(*batch, strict=True)
     return list(images), list(targets)
 
 
@@ -87,9 +87,11 @@ def build_loader(
 ) -> tuple[torch.utils.data.DataLoader, GroupedBatchSampler]:
     sampler = GroupedBatchSampler(dataset.aspect_ratios, batch_size, seed=seed, shuffle=shuffle,
                                   drop_last=drop_last, rank=rank, world_size=world_size)
+    # Its own generator: creating an iterator would otherwise draw from the global RNG, and a
+    # resumed run creates its iterator at another point of the RNG stream than the original did.
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
     )
     return loader, sampler
 
@@ -107,5 +109,5 @@ def resize_targets(targets: list[dict], image_sizes: torch.Tensor, original_size
 
     return [
         {"boxes": scale_boxes(t["boxes"].float(), orig, size), "labels": t["labels"]}
-        for t, size, orig in zip(targets, image_sizes, original_sizes)
+        for t, size, orig in zip(targets, image_sizes, original_sizes, strict=True)
     ]

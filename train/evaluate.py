@@ -46,7 +46,7 @@ def coco_metrics(gt: dict, detections: list[dict]) -> dict[str, float]:
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {k: float(v) for k, v in zip(METRIC_KEYS, ev.stats)}
+    return {k: float(v) for k, v in zip(METRIC_KEYS, ev.stats, strict=True)}
 
 
 def evaluate_files(annotations: str | Path, detections: str | Path, out: str | Path | None = None) -> dict:
@@ -70,10 +70,10 @@ def detections_to_coco(
         detections: per image, an object with boxes: Tensor[n, 4], scores: Tensor[n], labels: Tensor[n].
     """
     results = []
-    for det, image_id in zip(detections, image_ids):
+    for det, image_id in zip(detections, image_ids, strict=True):
         boxes = det.boxes.detach().float().cpu()
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-        for box, score, label in zip(xywh, det.scores.tolist(), det.labels.tolist()):
+        for box, score, label in zip(xywh, det.scores.tolist(), det.labels.tolist(), strict=True):
             results.append({
                 "image_id": int(image_id), "category_id": int(label_to_category_id[label]),
                 "bbox": [round(v, 3) for v in box], "score": round(float(score), 5),

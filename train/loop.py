@@ -26,8 +26,15 @@ from train.augment import batch_generator, pick_min_size, random_hflip
 from train.data import build_datasets, build_loader, resize_targets
 from train.dynamic import DynamicRCNN
 from train.optim import build_optimizer, build_scheduler
-from train.run import (RunSpec, build_model_config, default_weight_decay, init_from_checkpoint, pick_device,
-                       seed_everything, setup_logging)
+from train.run import (
+    RunSpec,
+    build_model_config,
+    default_weight_decay,
+    init_from_checkpoint,
+    pick_device,
+    seed_everything,
+    setup_logging,
+)
 
 log = logging.getLogger("train")
 
@@ -84,14 +91,14 @@ class Trainer:
         self.class_names = self.train_ds.class_names
         self.state: dict = {"stage": 0, "epoch": 0, "batch": 0, "iteration": 0, "elapsed": 0.0,
                             "best": -math.inf, "epoch_sums": {}, "epoch_count": 0, "epoch_images": 0,
-                            "epoch_seconds": 0.0}
+                            "epoch_seconds": 0.0, "epoch_cpu_seconds": 0.0}
         self.saved: dict | None = None
         if resume:
             ckpt = run_state.checkpoint_dir(self.run_dir, "last")
             self.net, meta = load_checkpoint(ckpt)
             self.cfg = meta.config
             self.saved = run_state.load_train_state(ckpt)
-            self.state.update({k: self.saved[k] for k in self.state})
+            self.state.update({k: self.saved.get(k, v) for k, v in self.state.items()})
             log.info("resuming %s from %s: stage %d epoch %d batch %d (iteration %d)", self.run_dir, ckpt,
                      self.state["stage"], self.state["epoch"], self.state["batch"], self.state["iteration"])
         else:
@@ -207,11 +214,11 @@ class Trainer:
         count = max(st["epoch_count"], 1)
         means = {k: v / count for k, v in sorted(st["epoch_sums"].items())}
         keys = list(means)
-        means = dict(zip(keys, distributed.mean_across_ranks([means[k] for k in keys])))
+        means = dict(zip(keys, distributed.mean_across_ranks([means[k] for k in keys]), strict=True))
         last_epoch = stage_idx == len(self.stages) - 1 and st["epoch"] + 1 == self.tcfg.epochs
         entry = {"epoch": stage_idx * self.tcfg.epochs + st["epoch"] + 1, "stage": stage.name,
                  "iteration": st["iteration"], "lr": optimizer.param_groups[0]["lr"], **means,
-                 "epoch_seconds": round(epoch_seconds, 2),
+                 "epoch_seconds": round(epoch_seconds, 2), "epoch_cpu_seconds": round(st["epoch_cpu_seconds"], 2),
                  "images_per_second": round(st["epoch_images"] * self.world / max(epoch_seconds, 1e-9), 3)}
         if self.dynamic:
             entry.update(dynamic_iou_thresh=self.dynamic.iou_thresh, dynamic_beta=self.dynamic.beta)
@@ -232,7 +239,8 @@ class Trainer:
         entry["elapsed_seconds"] = round(st["elapsed"], 2)
         # The next position: the following epoch, or the first epoch of the next stage.
         st["epoch"], st["batch"] = st["epoch"] + 1, 0
-        st["epoch_sums"], st["epoch_count"], st["epoch_images"], st["epoch_seconds"] = {}, 0, 0, 0.0
+        st["epoch_sums"], st["epoch_count"], st["epoch_images"] = {}, 0, 0
+        st["epoch_seconds"], st["epoch_cpu_seconds"] = 0.0, 0.0
         if st["epoch"] == self.tcfg.epochs:
             st["stage"], st["epoch"] = stage_idx + 1, 0
         if self.rank == 0:
@@ -266,15 +274,17 @@ class Trainer:
                     n_batches = self.sampler.batches_per_epoch()
                     bar = tqdm(total=n_batches, initial=st["batch"], desc=f"epoch {global_epoch + 1}",
                                disable=self.rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
-                    mark = time.perf_counter()
+                    mark, cpu_mark = time.perf_counter(), time.process_time()
                     for images, targets in self.loader:
                         gen = batch_generator(self.spec.seed, global_epoch, st["batch"] * self.world + self.rank)
                         losses = self._step(stage, params, optimizer, scheduler, step_module, images, targets, gen)
                         self.iteration_losses.append(losses)
-                        now = time.perf_counter()
+                        now, cpu_now = time.perf_counter(), time.process_time()
                         st["epoch_seconds"] += now - mark
                         st["elapsed"] += now - mark
-                        mark = now
+                        # CPU time tells the work apart from waiting when the machine is shared
+                        st["epoch_cpu_seconds"] += cpu_now - cpu_mark
+                        mark, cpu_mark = now, cpu_now
                         st["iteration"] += 1
                         st["batch"] += 1
                         st["epoch_count"] += 1
@@ -292,7 +302,7 @@ class Trainer:
                         periodic = tcfg.checkpoint_every and st["iteration"] % tcfg.checkpoint_every == 0
                         if mid_epoch and (periodic or stopped):
                             self._save("last", optimizer, scheduler)
-                            mark = time.perf_counter()
+                            mark, cpu_mark = time.perf_counter(), time.process_time()
                         if stopped and mid_epoch:
                             break
                     bar.close()

@@ -100,6 +100,16 @@ class OnnxRuntimeBackend:
     def input_settings(self) -> dict:
         return self.metadata.input_settings
 
+    @property
+    def config(self):
+        """The checkpoint's ModelConfig, stored in the graph metadata (transform and postprocess
+        settings for the shared pipeline)."""
+        from model.config import ModelConfig
+
+        if self.metadata.config is None:
+            raise ValueError(f"{self.path}: graph metadata has no model config")
+        return ModelConfig.from_dict(self.metadata.config)
+
     def run(self, images: Tensor, image_sizes: Tensor) -> list[np.ndarray]:
         """The graph's outputs as numpy arrays, in contract order."""
         feeds = {

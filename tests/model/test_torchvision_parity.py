@@ -60,7 +60,8 @@ def test_batch_of_different_sizes_matches_torchvision_batch(converted):
     dets = converted.predict(imgs)
     for name, det in zip(names[:3], dets):
         ours = as_dict(det)
-        # torchvision's own batched call, and its one-by-one detections.
+        # torchvision's own batched call. (Batched and one-by-one differ near the padding in both
+        # implementations alike: features there see the batch's padding; with these random weights'
+        # near-tied scores that moves 1-20% of detections. A trained model's are checked elsewhere.)
         assert match_rate(ours, golden_dets(g, f"batch3/{name}")) >= 0.95
         assert match_rate(golden_dets(g, f"batch3/{name}"), ours) >= 0.95
-        assert match_rate(ours, golden_dets(g, name)) >= 0.9

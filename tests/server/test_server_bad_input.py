@@ -42,18 +42,22 @@ CASES = [
     ("cut.jpg", _truncated_jpeg(), 422, "corrupt_image"),
     ("bomb.png", _png_header_only(30_000, 30_000), 413, "image_too_large"),
     ("big.png", _png_header_only(2_500, 2_000), 413, "image_too_large"),  # 5 Mpx > the test limit of 4
+    ("line.png", None, 422, "bad_image_shape"),  # 1 x 5000 px: 0 rows once the long side is 512
 ]
 
 
-def _ico() -> bytes:
+def _made(name: str) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (16, 16)).save(buf, "ICO")
+    if name.endswith(".ico"):
+        Image.new("RGB", (16, 16)).save(buf, "ICO")
+    else:
+        Image.new("RGB", (5000, 1), (200, 10, 10)).save(buf, "PNG")
     return buf.getvalue()
 
 
 @pytest.mark.parametrize("name,data,status,kind", CASES, ids=[c[0] for c in CASES])
 def test_bad_image_named_in_error(live, name, data, status, kind):
-    data = _ico() if data is None else data
+    data = _made(name) if data is None else data
     with httpx.Client(base_url=live, timeout=60) as c:
         r = c.post("/detect", files=[("images", ("good.jpg", jpeg_bytes(), "image/jpeg")),
                                      ("images", (name, data, "application/octet-stream"))])

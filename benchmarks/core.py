@@ -1,0 +1,105 @@
+"""`make bench`: the detector's speed on this machine, side by side with torchvision in one run.
+
+    .venv/bin/python -m benchmarks.core [--images 4] [--repeats 2] [--threads 2] [--skip-ops]
+
+1. Ops (benchmarks/ops.py): NMS of 6000 boxes, multi-scale RoIAlign of 1000 RoIs x 256 channels.
+2. The full R50-FPN at min/max size 600/1000, one COCO128 image per call, seconds per image, with
+   the same stand-in weights (tools/parity_weights.py) in our model and, where the reference venv
+   exists (`make refvenv`), in torchvision's eager model (benchmarks/_tv_model.py, a subprocess).
+Each image's time is the best of `repeats` calls after a warm-up; the table gives their mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.ops import REF_PYTHON, run_ops_bench
+from model.torchvision_import import load_torchvision, torchvision_config
+
+ROOT = Path(__file__).resolve().parents[1]
+COCO = ROOT.parent / "shared" / "data" / "coco128" / "train2017"
+
+
+def _images(n: int) -> list[Path]:
+    paths = sorted(COCO.glob("*.jpg"))[:n]
+    if not paths:
+        sys.exit(f"no COCO128 images under {COCO}")
+    return paths
+
+
+def time_ours(weights: dict[str, torch.Tensor], paths: list[Path], repeats: int) -> list[float]:
+    net = load_torchvision(weights, torchvision_config("resnet50_fpn", 91, 600, 1000))
+    imgs = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1) for p in paths]
+    times = []
+    with torch.inference_mode():
+        net.predict([imgs[0]])  # warm-up
+        for img in imgs:
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                net.predict([img])
+                best = min(best, time.perf_counter() - t)
+            times.append(best)
+    return times
+
+
+def time_torchvision(weights_file: Path, paths: list[Path], repeats: int, threads: int) -> list[float] | None:
+    if not REF_PYTHON.exists():
+        return None
+    cmd = [str(REF_PYTHON), str(ROOT / "benchmarks" / "_tv_model.py"), "--weights", str(weights_file),
+           "--threads", str(threads), "--repeats", str(repeats), *map(str, paths)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.splitlines()[-1])["times"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-ops", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not REF_PYTHON.exists():
+        print("(no .refvenv: torchvision columns empty; `make refvenv` adds them)")
+    if not args.skip_ops:
+        rows = run_ops_bench(repeats=7, threads=args.threads)
+        print(f"\nops ({args.threads} threads, median ms)")
+        print(f"{'case':<20}{'ours ms':>10}{'tv ms':>10}{'ours/tv':>9}")
+        for r in rows:
+            tv = "-" if r["torchvision_ms"] is None else f"{r['torchvision_ms']:.1f}"
+            ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+            print(f"{r['name']:<20}{r['ours_ms']:>10.1f}{tv:>10}{ratio:>9}")
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from parity_weights import parity_state_dict
+
+    weights = parity_state_dict()
+    paths = _images(args.images)
+    with tempfile.TemporaryDirectory() as tmp:
+        wfile = Path(tmp) / "r50.pth"
+        torch.save(weights, wfile)
+        tv = time_torchvision(wfile, paths, args.repeats, args.threads)
+    ours = time_ours(weights, paths, args.repeats)
+    mean_ours = sum(ours) / len(ours)
+    print(f"\nfasterrcnn_resnet50_fpn, 600/1000, batch 1, {len(paths)} COCO128 images, {args.threads} threads")
+    print(f"{'':<14}{'s/img':>8}")
+    print(f"{'ours':<14}{mean_ours:>8.3f}")
+    if tv is not None:
+        mean_tv = sum(tv) / len(tv)
+        print(f"{'torchvision':<14}{mean_tv:>8.3f}")
+        print(f"ours / torchvision = {mean_ours / mean_tv:.3f}")
+
+
+if __name__ == "__main__":
+    main()

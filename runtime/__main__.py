@@ -1,0 +1,93 @@
+"""python -m runtime: detections for images or folders of images, offline, as JSON.
+
+  python -m runtime --model CKPT_DIR|model.onnx|model.engine [--backend auto] [--batch-size N]
+                    [--score-threshold T] [--max-detections K] [--out FILE] IMAGE_OR_DIR...
+
+Writes a JSON list, one entry per image: {"image", "width", "height", "boxes" (xyxy, original
+pixels), "scores", "labels" (class ids), "label_names"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from runtime.images import ImageError, load_image
+from runtime.pipeline import BACKENDS, Pipeline
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def collect_images(inputs: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {item}")
+    return paths
+
+
+def _load(path: Path):
+    try:
+        return load_image(path)
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from None
+
+
+def predict_files(pipe: Pipeline, paths: list[Path], *, batch_size: int = 1, score_threshold: float | None = None,
+                  max_detections: int | None = None) -> list[dict]:
+    results = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        images = [_load(p) for p in chunk]
+        dets = pipe.predict(images, score_threshold=score_threshold, max_detections=max_detections)
+        for path, img, d in zip(chunk, images, dets):
+            labels = d.labels.tolist()
+            results.append({"image": path.name, "width": int(img.shape[1]), "height": int(img.shape[0]),
+                            "boxes": [[round(v, 2) for v in box] for box in d.boxes.tolist()],
+                            "scores": [round(s, 5) for s in d.scores.tolist()], "labels": labels,
+                            "label_names": [pipe.class_names[i] for i in labels]})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    ap.add_argument("--model", required=True, help="checkpoint dir, .onnx or .engine")
+    ap.add_argument("--backend", default="auto", choices=BACKENDS)
+    ap.add_argument("--device", default="cpu", help="torch backend device (cpu, cuda)")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--score-threshold", type=float)
+    ap.add_argument("--max-detections", type=int)
+    ap.add_argument("--threads", type=int, help="intra-op threads")
+    ap.add_argument("--out", help="write the JSON here instead of stdout")
+    args = ap.parse_args(argv)
+    if args.batch_size < 1:
+        ap.error("--batch-size must be at least 1")
+    try:
+        paths = collect_images(args.inputs)
+        pipe = Pipeline.load(args.model, backend=args.backend, device=args.device, intra_op_threads=args.threads)
+        results = predict_files(pipe, paths, batch_size=args.batch_size, score_threshold=args.score_threshold,
+                                max_detections=args.max_detections)
+    except (FileNotFoundError, ImageError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(results, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"wrote {args.out}: {len(results)} images, {sum(len(r['scores']) for r in results)} detections",
+              file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Every preset exports, passes the checker and matches its eager model (opt-in: minutes per preset on
+two cores; `FRCNN_EXPORT_PRESETS=1 pytest tests/export/test_presets.py`)."""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+import pytest
+import torch
+
+from export.tensorrt_ops import tensorrt_problems
+from export.verify import quick_verify, synthetic_images
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("FRCNN_EXPORT_PRESETS") != "1",
+                       reason="exports every preset (minutes each); set FRCNN_EXPORT_PRESETS=1"),
+]
+
+
+@pytest.mark.parametrize("name", ["tiny", "resnet50_fpn", "resnet101_fpn", "mobilenet_v3_large_fpn", "vgg16_c4"])
+def test_preset_exports_and_matches_eager(name, tmp_path):
+    import model
+    from export.onnx_export import build_graph
+
+    torch.manual_seed(0)
+    cfg = model.preset(name, num_classes=11)
+    net = model.build_model(cfg).eval()
+    proto = build_graph(net, cfg, [f"c{i}" for i in range(11)])
+    path = tmp_path / f"{name}.onnx"
+    onnx.save_model(proto, str(path))
+    problems = tensorrt_problems(proto)
+    if name == "vgg16_c4":
+        assert problems == ["MaxRoiPool: not supported by the TensorRT 10 ONNX parser"]
+    else:
+        assert problems == []
+    report = quick_verify(net, path, cfg, images=synthetic_images(((480, 640), (500, 375)), seed=1))
+    assert report.match_rate >= 0.99
