@@ -47,12 +47,16 @@ refvenv: .refvenv/.installed
 	touch $@
 
 COCO := ../shared/data/coco128/train2017
+GOLDEN_IMAGES := $(addprefix $(COCO)/,000000000009.jpg 000000000036.jpg 000000000049.jpg 000000000078.jpg)
 golden: install refvenv
 	.refvenv/bin/python tools/make_golden_ops.py
 	mkdir -p .cache
-	$(PY) tools/parity_weights.py --out .cache/r50_parity.pth
-	.refvenv/bin/python tools/make_golden_model.py --weights .cache/r50_parity.pth \
-		--out tests/fixtures/tv_r50_golden.safetensors $(addprefix $(COCO)/,000000000009.jpg 000000000036.jpg 000000000049.jpg 000000000078.jpg)
+	$(PY) tools/parity_weights.py --arch resnet50_fpn --out .cache/r50_parity.pth
+	.refvenv/bin/python tools/make_golden_model.py --arch resnet50_fpn --weights .cache/r50_parity.pth \
+		--out tests/fixtures/tv_r50_golden.safetensors $(GOLDEN_IMAGES)
+	$(PY) tools/parity_weights.py --arch mobilenet_v3_large_fpn --out .cache/mnv3_parity.pth
+	.refvenv/bin/python tools/make_golden_model.py --arch mobilenet_v3_large_fpn --weights .cache/mnv3_parity.pth \
+		--out tests/fixtures/tv_mnv3_golden.safetensors $(GOLDEN_IMAGES)
 
 IMAGE ?= frcnn
 TAG ?= latest

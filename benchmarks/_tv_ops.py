@@ -31,6 +31,30 @@ def _median_ms(fn, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def _case_fn(t: dict[str, torch.Tensor], case: str, p: dict):
+    """The torchvision call of one case, as a no-argument function (None for unknown kinds)."""
+    if p["kind"] == "nms":
+        def fn():
+            return ops.nms(t[f"{case}.boxes"], t[f"{case}.scores"], p["iou_threshold"])
+    elif p["kind"] == "roi_align":
+        def fn():
+            return ops.roi_align(t[f"{case}.input"], t[f"{case}.rois"], p["output_size"],
+                                 p["spatial_scale"], p["sampling_ratio"], p["aligned"])
+    elif p["kind"] == "multiscale_roi_align":
+        names = [f"p{i}" for i in range(len(p["spatial_scales"]))]
+        feats = {n: t[f"{case}.{n}"] for n in names}
+        rois = t[f"{case}.rois"]
+        boxes = [rois[rois[:, 0] == i, 1:] for i in range(feats[names[0]].shape[0])]
+        pooler = ops.MultiScaleRoIAlign(names, p["output_size"], p["sampling_ratio"])
+        shapes = [tuple(p["image_size"])] * len(boxes)
+
+        def fn():
+            return pooler(feats, boxes, shapes)
+    else:
+        return None
+    return fn
+
+
 def main(inputs: str, out_path: str) -> None:
     t = load_file(inputs)
     with safe_open(inputs, "pt") as f:
@@ -39,22 +63,8 @@ def main(inputs: str, out_path: str) -> None:
     repeats = int(meta.pop("_repeats"))
     outs, timings = {}, {}
     for case, p in meta.items():
-        kind = p["kind"]
-        if kind == "nms":
-            fn = lambda c=case, p=p: ops.nms(t[f"{c}.boxes"], t[f"{c}.scores"], p["iou_threshold"])
-        elif kind == "roi_align":
-            fn = lambda c=case, p=p: ops.roi_align(
-                t[f"{c}.input"], t[f"{c}.rois"], p["output_size"], p["spatial_scale"],
-                p["sampling_ratio"], p["aligned"])
-        elif kind == "multiscale_roi_align":
-            names = [f"p{i}" for i in range(len(p["spatial_scales"]))]
-            feats = {n: t[f"{case}.{n}"] for n in names}
-            rois = t[f"{case}.rois"]
-            boxes = [rois[rois[:, 0] == i, 1:] for i in range(feats[names[0]].shape[0])]
-            pooler = ops.MultiScaleRoIAlign(names, p["output_size"], p["sampling_ratio"])
-            shapes = [tuple(p["image_size"])] * len(boxes)
-            fn = lambda f=feats, b=boxes, m=pooler, s=shapes: m(f, b, s)
-        else:
+        fn = _case_fn(t, case, p)
+        if fn is None:
             continue
         timings[case] = _median_ms(fn, repeats)
         outs[f"{case}.out"] = fn().contiguous()

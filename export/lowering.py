@@ -238,9 +238,8 @@ _LOWERINGS: dict[str, Callable] = {
 
 def translation_table() -> dict[Callable, Callable]:
     """{torch.ops.frcnn.<op>.default: lowering} for every frcnn op registered in this process."""
-    import model.ops  # noqa: F401  (registers torch.ops.frcnn.*)
-
     import export.wrappers  # noqa: F401  (registers torch.ops.frcnn_export.*)
+    import model.ops  # noqa: F401  (registers torch.ops.frcnn.*)
 
     table = {torch.ops.frcnn_export.nonzero_1d.default: nonzero_1d}
     for name, fn in _LOWERINGS.items():

@@ -39,9 +39,9 @@ class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         return self.batch_size
 
     def _batch(self, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+        from export.verify import load_images
         from model.config import TransformConfig
         from model.transform import normalize_resize
-        from export.verify import load_images
 
         cfg = TransformConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.settings.items()})
         h, w = self.hw

@@ -39,9 +39,10 @@ def _read_metadata(model_path: Path) -> GraphMetadata:
     return GraphMetadata.from_props({p.key: p.value for p in model.metadata_props})
 
 
-def _dims(spec: TensorSpec, batched: bool) -> tuple[list[int], bool]:
-    """Triton dims (named dims -> -1), without the batch dim when batched. Returns (dims, reshape_to_scalar)."""
-    dims = [d if isinstance(d, int) else -1 for d in spec.dims]
+def _dims(spec: TensorSpec, batched: bool, num_classes: int) -> tuple[list[int], bool]:
+    """Triton dims (C -> the class count, other named dims -> -1), without the batch dim when batched.
+    Returns (dims, reshape_to_scalar)."""
+    dims = [d if isinstance(d, int) else num_classes if d == "C" else -1 for d in spec.dims]
     if batched:
         if spec.dims[0] != "B":
             raise ValueError(f"{spec.name}: dims {spec.dims} are not batch-major")
@@ -51,8 +52,8 @@ def _dims(spec: TensorSpec, batched: bool) -> tuple[list[int], bool]:
     return dims, False
 
 
-def _tensor_block(spec: TensorSpec, batched: bool) -> str:
-    dims, scalar = _dims(spec, batched)
+def _tensor_block(spec: TensorSpec, batched: bool, num_classes: int) -> str:
+    dims, scalar = _dims(spec, batched, num_classes)
     lines = [f'    name: "{spec.name}"', f"    data_type: {_TRITON_TYPES[spec.dtype]}", f"    dims: {dims}"]
     if scalar:
         lines.append("    reshape: { shape: [ ] }")
@@ -62,13 +63,14 @@ def _tensor_block(spec: TensorSpec, batched: bool) -> str:
 def config_pbtxt(meta: GraphMetadata, *, name: str, platform: str, max_batch_size: int, instances: int,
                  kind: str) -> str:
     batched = meta.with_nms and max_batch_size > 0
+    c = len(meta.class_names)
     outputs = output_specs(with_nms=meta.with_nms, max_detections=meta.max_detections or 0)
     parts = [
         f'name: "{name}"',
         f'platform: "{platform}"',
         f"max_batch_size: {max_batch_size if batched else 0}",
-        "input [\n" + ",\n".join(_tensor_block(s, batched) for s in INPUTS) + "\n]",
-        "output [\n" + ",\n".join(_tensor_block(s, batched) for s in outputs) + "\n]",
+        "input [\n" + ",\n".join(_tensor_block(s, batched, c) for s in INPUTS) + "\n]",
+        "output [\n" + ",\n".join(_tensor_block(s, batched, c) for s in outputs) + "\n]",
         f"instance_group [ {{ count: {instances} kind: KIND_{kind.upper()} }} ]",
     ]
     if batched:

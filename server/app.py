@@ -115,7 +115,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               description="required when the server has an api_key")
 
     def require_key(key: str | None = Depends(key_header)) -> None:
-        if settings.api_key and not (key and secrets.compare_digest(key, settings.api_key)):
+        # bytes: compare_digest refuses non-ASCII str, and a client's odd header must stay a 401
+        if settings.api_key and not (key and secrets.compare_digest(key.encode(), settings.api_key.encode())):
             raise ApiError(401, "unauthorized", "missing or wrong X-API-Key header",
                            headers={"WWW-Authenticate": "X-API-Key"})
 

@@ -4,7 +4,7 @@
   .refvenv/bin/python tools/make_golden_model.py --weights .cache/r50_parity.pth --out tests/fixtures/tv_r50_golden.safetensors IMAGES...
 
 Writes, for each image: torchvision's resized size, the first-stage proposals, and the final
-detections of fasterrcnn_resnet50_fpn at min/max size 600/1000; plus anchors and a box-coder
+detections of fasterrcnn_resnet50_fpn at min/max size 600/1000 (fasterrcnn_mobilenet_v3_large_fpn with --arch); plus anchors and a box-coder
 round trip on fixed inputs.
 """
 
@@ -19,7 +19,7 @@ import torch
 import torchvision
 from PIL import Image
 from safetensors.torch import save_file
-from torchvision.models.detection import fasterrcnn_resnet50_fpn
+from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_resnet50_fpn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
@@ -32,11 +32,13 @@ def load(path: str) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", required=True)
+    ap.add_argument("--arch", default="resnet50_fpn", choices=["resnet50_fpn", "mobilenet_v3_large_fpn"])
     ap.add_argument("--out", required=True)
     ap.add_argument("images", nargs="+")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    net = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, min_size=600, max_size=1000)
+    build = fasterrcnn_resnet50_fpn if args.arch == "resnet50_fpn" else fasterrcnn_mobilenet_v3_large_fpn
+    net = build(weights=None, weights_backbone=None, num_classes=91, min_size=600, max_size=1000)
     sd = torch.load(args.weights, map_location="cpu", weights_only=True)
     missing, unexpected = net.load_state_dict(sd, strict=False)
     assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)

@@ -98,7 +98,7 @@ def build() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     # boxes of this small image spread over all levels ---
     img_h, img_w = 128, 192
     names = ["p2", "p3", "p4", "p5"]
-    feats = {n: torch.randn(2, 3, img_h >> lvl, img_w >> lvl, generator=g) for n, lvl in zip(names, range(2, 6))}
+    feats = {n: torch.randn(2, 3, img_h >> lvl, img_w >> lvl, generator=g) for n, lvl in zip(names, range(2, 6), strict=True)}
     per_image = [random_boxes(g, 20, img_w, img_h, 100).clamp(min=0) for _ in range(2)]
     msra = ops.MultiScaleRoIAlign(names, (4, 3), 2, canonical_scale=28, canonical_level=4)
     t["msra.rois"] = torch.cat([torch.cat([torch.full((b.shape[0], 1), float(i)), b], 1)

@@ -1,12 +1,12 @@
 """Deterministic stand-in weights for torchvision parity checks (no pretrained weights can be
 downloaded here).
 
-A seeded ``resnet50_fpn`` whose frozen-BN statistics were calibrated once on COCO128 photos (so
+A seeded ``resnet50_fpn`` (or ``mobilenet_v3_large_fpn``) whose frozen-BN statistics were calibrated once on COCO128 photos (so
 activations stay in a trained network's range; the statistics are committed in
-tests/fixtures/r50_parity_bnstats.safetensors) and whose classifier is scaled so that scores pass
+tests/fixtures/<arch>_parity_bnstats.safetensors) and whose classifier is scaled so that scores pass
 0.05. The detections mean nothing; they exercise every number of the pipeline.
 
-  python tools/parity_weights.py --out FILE.pth [--calibrate IMAGES...]
+  python tools/parity_weights.py [--arch resnet50_fpn] --out FILE.pth [--calibrate IMAGES...]
 """
 
 from __future__ import annotations
@@ -23,15 +23,21 @@ from model.detector import FasterRCNN, build_model
 from model.transform import preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
-BN_STATS = ROOT / "tests" / "fixtures" / "r50_parity_bnstats.safetensors"
+FIXTURES = ROOT / "tests" / "fixtures"
 SEED = 20261121
+ARCHS = ("resnet50_fpn", "mobilenet_v3_large_fpn")
 
 
-def seeded_model() -> FasterRCNN:
+def bn_stats_path(arch: str) -> Path:
+    return FIXTURES / ("r50_parity_bnstats.safetensors" if arch == "resnet50_fpn" else f"{arch}_parity_bnstats.safetensors")
+
+
+def seeded_model(arch: str = "resnet50_fpn") -> FasterRCNN:
     torch.manual_seed(SEED)
-    net = build_model(preset("resnet50_fpn", num_classes=91)).eval()
+    net = build_model(preset(arch, num_classes=91)).eval()
     with torch.no_grad():
-        net.roi_heads.box_predictor.cls_score.weight.normal_(std=0.04)
+        # scaled per backbone so that class scores spread over (0.05, 1)
+        net.roi_heads.box_predictor.cls_score.weight.normal_(std=0.04 if arch == "resnet50_fpn" else 0.3)
         net.roi_heads.box_predictor.bbox_pred.weight.normal_(std=0.02)
         net.rpn.head.cls_logits.weight.normal_(std=0.1)
         net.rpn.head.bbox_pred.weight.normal_(std=0.02)
@@ -67,15 +73,16 @@ def _is_bn_key(net: FasterRCNN, key: str) -> bool:
     return isinstance(mod, FrozenBatchNorm2d)
 
 
-def parity_state_dict() -> dict[str, torch.Tensor]:
-    net = seeded_model()
-    stats = load_file(str(BN_STATS))
+def parity_state_dict(arch: str = "resnet50_fpn") -> dict[str, torch.Tensor]:
+    net = seeded_model(arch)
+    stats = load_file(str(bn_stats_path(arch)))
     net.load_state_dict(stats, strict=False)
     return net.state_dict()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="resnet50_fpn", choices=ARCHS)
     ap.add_argument("--out", required=True)
     ap.add_argument("--calibrate", nargs="*", help="images to (re)calibrate the BN statistics on")
     args = ap.parse_args()
@@ -84,9 +91,9 @@ def main() -> None:
         import numpy as np
 
         imgs = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in args.calibrate]
-        save_file(calibrate(seeded_model(), imgs), str(BN_STATS))
-        print(f"wrote {BN_STATS}")
-    torch.save(parity_state_dict(), args.out)
+        save_file(calibrate(seeded_model(args.arch), imgs), str(bn_stats_path(args.arch)))
+        print(f"wrote {bn_stats_path(args.arch)}")
+    torch.save(parity_state_dict(args.arch), args.out)
     print(f"wrote {args.out}")
 
 

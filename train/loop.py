@@ -180,7 +180,7 @@ class Trainer:
         self.scaler.step(optimizer)
         self.scaler.update()
         scheduler.step()
-        if self.dynamic:
+        if self.dynamic and "proposal_max_ious" in stats:  # RoI-head statistics (not in RPN-only steps)
             self.dynamic.observe(stats["proposal_max_ious"], stats.get("pos_reg_targets", []))
             if self.dynamic.iteration % self.dynamic.interval == 0:
                 self.dynamic.iou_thresh, self.dynamic.beta = distributed.mean_across_ranks(

@@ -27,8 +27,8 @@ from torch import Tensor
 __all__ = ["nms", "batched_nms"]
 
 _TILE = 256
-# Bound on one (kept x rest) IoU block, so intermediates stay cache-sized.
-_CROSS_BLOCK = 1 << 17
+# Bound on one (kept x rest) IoU block (its temporaries are ~3 such arrays), for very large N.
+_CROSS_BLOCK = 1 << 20
 
 
 def _threshold_below(iou_threshold: float, dtype: torch.dtype, device) -> Tensor:
@@ -41,36 +41,41 @@ def _threshold_below(iou_threshold: float, dtype: torch.dtype, device) -> Tensor
     return t.to(device)
 
 
-def _pair_iou(a: Tensor, b: Tensor) -> Tensor:
+def _pair_iou(a: Tensor, b: Tensor, work: Tensor | None = None) -> Tensor:
     """IoU between columns of a (5, P) and b (5, Q), rows (x1, y1, x2, y2, area) -> (P, Q).
 
     Same float operations, in the same order, as torchvision's CPU kernel, so results agree
-    bit for bit (and so do threshold decisions)."""
-    w = torch.minimum(a[2, :, None], b[2, None, :])
-    w.sub_(torch.maximum(a[0, :, None], b[0, None, :])).clamp_(min=0)
-    h = torch.minimum(a[3, :, None], b[3, None, :])
-    h.sub_(torch.maximum(a[1, :, None], b[1, None, :])).clamp_(min=0)
-    inter = w.mul_(h)
-    union = a[4, :, None] + b[4, None, :]
+    bit for bit (and so do threshold decisions). x and y are handled together as (2, P, Q):
+    fewer, larger ops. `work` (flat, >= 4 * P * Q) holds the temporaries: fresh multi-MB
+    allocations are returned to the OS and page-faulted again on every call, which cost more
+    than the arithmetic."""
+    p, q = a.shape[1], b.shape[1]
+    if work is None:
+        work = a.new_empty(4 * p * q)
+    wh = torch.minimum(a[2:4, :, None], b[2:4, None, :], out=work[:2 * p * q].view(2, p, q))
+    lt = torch.maximum(a[0:2, :, None], b[0:2, None, :], out=work[2 * p * q:4 * p * q].view(2, p, q))
+    wh.sub_(lt).clamp_(min=0)
+    inter = wh[0].mul_(wh[1])
+    union = torch.add(a[4, :, None], b[4, None, :], out=lt[0])
     return inter.div_(union.sub_(inter))
 
 
 def _suppressed_by(kept: Tensor, kept_cls: Tensor | None, rest: Tensor, rest_cls: Tensor | None,
-                   thr: Tensor) -> Tensor:
+                   thr: Tensor, work: Tensor) -> Tensor:
     """(5, k), (5, R) -> (R,) bool: rest boxes overlapping any kept box (of the same class)."""
     out = torch.zeros(rest.shape[1], dtype=torch.bool, device=rest.device)
     step = max(1, _CROSS_BLOCK // max(1, kept.shape[1]))
     for s in range(0, rest.shape[1], step):  # blocks of boxes, not single boxes
-        hit = _pair_iou(kept, rest[:, s:s + step]) > thr  # (k, r)
+        hit = _pair_iou(kept, rest[:, s:s + step], work) > thr  # (k, r)
         if kept_cls is not None:
             hit &= kept_cls[:, None] == rest_cls[None, s:s + step]
         out[s:s + step] = hit.any(0)
     return out
 
 
-def _resolve_tile(tile: Tensor, cls: Tensor | None, thr: Tensor) -> Tensor:
+def _resolve_tile(tile: Tensor, cls: Tensor | None, thr: Tensor, work: Tensor) -> Tensor:
     """(5, T) score-sorted boxes -> (T,) bool keep, exactly the greedy result within the tile."""
-    sup = _pair_iou(tile, tile) > thr  # (T, T)
+    sup = _pair_iou(tile, tile, work) > thr  # (T, T)
     if cls is not None:
         sup &= cls[:, None] == cls[None, :]
     sup = sup.triu_(1).to(tile.dtype if tile.dtype != torch.float16 else torch.float32)
@@ -95,18 +100,20 @@ def _nms_impl(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor 
     cls = idxs[order] if idxs is not None else None
     thr = _threshold_below(iou_threshold, cols.dtype, cols.device)
 
+    # temporaries of the largest IoU block, (tile x rest) or (tile x tile), reused by every block
+    work = cols.new_empty(4 * _TILE * max(_TILE, min(n, _CROSS_BLOCK // _TILE + 1)))
     alive = order  # original indices of the boxes not yet suppressed, in score order
     kept: list[Tensor] = []
     while alive.numel() > 0:
         tile, rest = cols[:, :_TILE], cols[:, _TILE:]
         tile_cls = cls[:_TILE] if cls is not None else None
-        keep = _resolve_tile(tile, tile_cls, thr)
+        keep = _resolve_tile(tile, tile_cls, thr, work)
         kept.append(alive[:_TILE][keep])
         if rest.shape[1] == 0:
             break
         rest_cls = cls[_TILE:] if cls is not None else None
         dead = _suppressed_by(tile[:, keep], tile_cls[keep] if cls is not None else None,
-                              rest, rest_cls, thr)
+                              rest, rest_cls, thr, work)
         live = ~dead
         cols, alive = rest[:, live], alive[_TILE:][live]
         cls = rest_cls[live] if cls is not None else None

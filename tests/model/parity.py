@@ -16,22 +16,26 @@ from model.ops import box_iou
 
 ROOT = Path(__file__).resolve().parents[2]
 COCO128 = ROOT.parent / "shared" / "data" / "coco128"
-GOLDEN = ROOT / "tests" / "fixtures" / "tv_r50_golden.safetensors"
+FIXTURES = ROOT / "tests" / "fixtures"
+GOLDEN = {"resnet50_fpn": FIXTURES / "tv_r50_golden.safetensors",
+          "mobilenet_v3_large_fpn": FIXTURES / "tv_mnv3_golden.safetensors"}
 
 
-def golden() -> tuple[dict[str, torch.Tensor], list[str]]:
-    with safe_open(str(GOLDEN), framework="pt") as f:
+def golden(arch: str = "resnet50_fpn") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """torchvision's outputs (tools/make_golden_model.py) and the image stems they are for."""
+    with safe_open(str(GOLDEN[arch]), framework="pt") as f:
         names = json.loads(f.metadata()["images"])
-    return load_file(str(GOLDEN)), names
+    return load_file(str(GOLDEN[arch])), names
 
 
-def parity_state_dict() -> dict[str, torch.Tensor]:
+def parity_state_dict(arch: str = "resnet50_fpn") -> dict[str, torch.Tensor]:
+    """The stand-in torchvision-layout weights the golden values were made with."""
     sys.path.insert(0, str(ROOT / "tools"))
     try:
         from parity_weights import parity_state_dict as make
     finally:
         sys.path.pop(0)
-    return make()
+    return make(arch)
 
 
 def load_coco_image(stem: str) -> torch.Tensor:

@@ -9,7 +9,6 @@ import torch
 
 from model.ops import batched_nms, box_area, box_iou, clip_boxes, nms, remove_small_boxes
 
-
 # the module, not the function model.ops.nms that shadows it as a package attribute
 nms_module = importlib.import_module("model.ops.nms")
 

@@ -1,5 +1,5 @@
-"""A torchvision fasterrcnn_resnet50_fpn state dict, converted with the CLI, gives torchvision's
-detections on real COCO images at 600/1000 (golden values from tools/make_golden_model.py)."""
+"""torchvision detection state dicts, converted with the CLI, give torchvision's detections on real
+COCO images at 600/1000 (golden values from tools/make_golden_model.py)."""
 
 from __future__ import annotations
 
@@ -12,29 +12,34 @@ from tests.model.parity import (COCO128, as_dict, golden, golden_dets, load_coco
                                 parity_state_dict)
 
 pytestmark = pytest.mark.skipif(not COCO128.exists(), reason="../shared/data/coco128 not found")
+ARCHS = ["resnet50_fpn", "mobilenet_v3_large_fpn"]
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """The stand-in weights saved as a torchvision .pth, converted by `python -m model convert-torchvision`."""
+def convert(tmp, arch: str):
+    """The stand-in weights saved as a torchvision .pth and converted by `python -m model convert-torchvision`."""
     from model.__main__ import main
 
-    tmp = tmp_path_factory.mktemp("tv")
-    torch.save(parity_state_dict(), tmp / "fasterrcnn_resnet50_fpn.pth")
-    assert main(["convert-torchvision", str(tmp / "fasterrcnn_resnet50_fpn.pth"), "--arch", "resnet50_fpn",
-                 "--num-classes", "91", "--min-size", "600", "--max-size", "1000", "--out", str(tmp / "ckpt")]) == 0
-    net, meta = load_checkpoint(tmp / "ckpt")
+    torch.save(parity_state_dict(arch), tmp / f"fasterrcnn_{arch}.pth")
+    assert main(["convert-torchvision", str(tmp / f"fasterrcnn_{arch}.pth"), "--arch", arch,
+                 "--num-classes", "91", "--min-size", "600", "--max-size", "1000", "--out", str(tmp / arch)]) == 0
+    net, meta = load_checkpoint(tmp / arch)
     assert meta.class_names[1] == "person" and meta.class_names[3] == "car"
     return net
 
 
+@pytest.fixture(scope="module", params=ARCHS)
+def converted(request, tmp_path_factory):
+    return request.param, convert(tmp_path_factory.mktemp("tv"), request.param)
+
+
 def test_detections_match_torchvision_one_by_one(converted):
-    g, names = golden()
+    arch, net = converted
+    g, names = golden(arch)
     for name in names:
         img = load_coco_image(name)
-        batch = preprocess([img], converted.config.transform)
+        batch = preprocess([img], net.config.transform)
         assert batch.image_sizes[0].tolist() == g[f"{name}/image_size"].tolist()
-        ours = as_dict(converted.predict([img])[0])
+        ours = as_dict(net.predict([img])[0])
         ref = golden_dets(g, name)
         assert ref["scores"].numel() > 20, "golden file has too few detections to be a check"
         assert match_rate(ours, ref) >= 0.95, name
@@ -42,12 +47,13 @@ def test_detections_match_torchvision_one_by_one(converted):
 
 
 def test_first_stage_proposals_match_torchvision(converted):
-    g, names = golden()
+    arch, net = converted
+    g, names = golden(arch)
     name = names[0]
-    batch = preprocess([load_coco_image(name)], converted.config.transform)
+    batch = preprocess([load_coco_image(name)], net.config.transform)
     with torch.no_grad():
-        feats = converted.backbone(batch.images)
-        boxes, _ = converted.rpn(list(feats.values()), batch.image_sizes, tuple(batch.images.shape[-2:]))
+        feats = net.backbone(batch.images)
+        boxes, _ = net.rpn(list(feats.values()), batch.image_sizes, tuple(batch.images.shape[-2:]))
     ref = g[f"{name}/proposals"]
     assert boxes.shape == ref.shape
     # Same ranking: the top proposals agree box for box.
@@ -55,10 +61,10 @@ def test_first_stage_proposals_match_torchvision(converted):
 
 
 def test_batch_of_different_sizes_matches_torchvision_batch(converted):
-    g, names = golden()
+    arch, net = converted
+    g, names = golden(arch)
     imgs = [load_coco_image(n) for n in names[:3]]
-    dets = converted.predict(imgs)
-    for name, det in zip(names[:3], dets):
+    for name, det in zip(names[:3], net.predict(imgs)):
         ours = as_dict(det)
         # torchvision's own batched call. (Batched and one-by-one differ near the padding in both
         # implementations alike: features there see the batch's padding; with these random weights'

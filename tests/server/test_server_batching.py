@@ -72,6 +72,8 @@ def test_api_key_and_cors(make_settings):
     with serve(settings) as (url, _), httpx.Client(base_url=url, timeout=60) as c:
         assert c.post("/detect", files=files).status_code == 401
         assert c.post("/detect", files=files, headers={"X-API-Key": "wrong"}).json()["error"] == "unauthorized"
+        odd = c.post("/detect", files=files, headers={"X-API-Key": "s3cr\xe9t".encode("latin-1")})
+        assert odd.status_code == 401
         assert c.get("/model").status_code == 401
         assert c.post("/detect", files=files, headers={"X-API-Key": "s3cret"}).status_code == 200
         assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200  # probes stay open

@@ -143,3 +143,13 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert len(metrics) == 1 and metrics[0]["iteration"] == 2
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
     assert (tmp_path / "ddp" / "best" / "model.safetensors").exists()
+
+
+def test_dynamic_rcnn_and_bf16_autocast_run(tmp_path):
+    result = start(_spec(tmp_path / "dyn", "train.dynamic=true", "train.dynamic_interval=2", "train.dynamic_k_iou=5",
+                         "train.amp=bf16", "train.max_iters=4"))
+    assert all(torch.isfinite(torch.tensor(d["loss"])) for d in result.iteration_losses)
+    state = run_state.load_train_state(tmp_path / "dyn" / "last")
+    dyn = state["dynamic"]
+    assert dyn["iteration"] == 4 and dyn["iou_history"] == []  # updated at iterations 2 and 4
+    assert dyn["iou_thresh"] >= 0.4 and 0 < dyn["beta"] <= 1.0
