@@ -12,7 +12,14 @@ import sys
 from pathlib import Path
 
 from model.checkpoint import read_meta, save_checkpoint
-from model.torchvision_import import ARCHS, class_names_for, download, load_torchvision, read_state_dict, torchvision_config
+from model.torchvision_import import (
+    ARCHS,
+    class_names_for,
+    download,
+    load_torchvision,
+    read_state_dict,
+    torchvision_config,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

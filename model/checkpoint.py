@@ -94,8 +94,11 @@ def weights_path(path: str | Path) -> Path:
 
 def read_meta(path: str | Path) -> CheckpointMeta:
     p = weights_path(path)
-    with safe_open(str(p), framework="pt") as f:
-        text = (f.metadata() or {}).get("frcnn")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            text = (f.metadata() or {}).get("frcnn")
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        raise ValueError(f"{p}: not a readable safetensors file ({exc})") from None
     if text is None:
         raise ValueError(f"{p}: safetensors file without frcnn metadata")
     return CheckpointMeta.from_json(text, str(p))

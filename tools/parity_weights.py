@@ -87,8 +87,8 @@ def main() -> None:
     ap.add_argument("--calibrate", nargs="*", help="images to (re)calibrate the BN statistics on")
     args = ap.parse_args()
     if args.calibrate:
-        from PIL import Image
         import numpy as np
+        from PIL import Image
 
         imgs = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in args.calibrate]
         save_file(calibrate(seeded_model(args.arch), imgs), str(bn_stats_path(args.arch)))

@@ -3,8 +3,9 @@
 Shape shorthand: N, M boxes; boxes are (x1, y1, x2, y2) in absolute pixels.
 
 Each op is a `torch.library.custom_op` with a fake implementation so `torch.export` keeps it as
-one node (export/ lowers it, or decomposes it with `DECOMPOSITIONS`). The `_*_ref` functions are
-the pure-torch maths; the ops call them, and so do the decompositions.
+one node; export/ lowers it, or turns box_area / box_iou / clip_boxes back into plain aten ops
+with `DECOMPOSITIONS`. The `_*_ref` functions are the pure-torch maths; the ops call them, and
+so do the decompositions.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["box_area", "box_iou", "clip_boxes", "remove_small_boxes"]
+__all__ = ["DECOMPOSITIONS", "box_area", "box_iou", "clip_boxes", "remove_small_boxes"]
 
 
 # --- pure-torch maths (also the decompositions export may use) ---------------------------------
@@ -124,6 +125,15 @@ _clip_boxes_op.register_autograd(
     lambda ctx, g: _grad_via_ref(_clip_boxes_ref, ctx.saved_tensors, (True, False), g),
     setup_context=_save_inputs,
 )
+
+
+# Plain-aten versions of the shape-static box ops, for `ExportedProgram.run_decompositions`
+# (merge into `torch.export.default_decompositions()`): export/ then needs no lowering for them.
+DECOMPOSITIONS = {
+    torch.ops.frcnn.box_area.default: _box_area_ref,
+    torch.ops.frcnn.box_iou.default: _box_iou_ref,
+    torch.ops.frcnn.clip_boxes.default: _clip_boxes_ref,
+}
 
 
 # --- public API ---------------------------------------------------------------------------------

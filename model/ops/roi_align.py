@@ -103,6 +103,39 @@ def _chunks(cost: Tensor, per_unit: int, budget: int) -> Iterator[Tensor]:
         start = end
 
 
+def _axis_matrix(idx: Tensor, w: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Merge the taps of each bin that read the same pixel (many samples per pixel: large grids).
+
+    Args:
+        idx, w (Tensor[k, P, G, 2]): taps of `_axis_taps` for k RoIs, P output bins.
+        length: pixels along the axis.
+    Returns:
+        pix (Tensor[k, P, L] int64): the pixels (rows or columns) each bin reads,
+        m (Tensor[k, P, L]): m[k, p, l] = sum of w over the taps of bin p that read pix[k, p, l].
+    The pixels are the contiguous window spanned by the bin's taps when that is shorter than its
+    tap list, else the taps themselves (sparse samples: nothing to merge). L is the largest such
+    length in the chunk; padding pixels get weight 0.
+    """
+    k0, n_bins0 = idx.shape[:2]
+    idx, w = idx.reshape(k0 * n_bins0, 1, -1), w.reshape(k0 * n_bins0, 1, -1)  # one bin per row
+    k, n_bins = idx.shape[:2]
+    taps = idx.reshape(k, -1)  # (k, T), T = G * 2
+    n_taps = taps.shape[1]
+    lo = taps.amin(1)
+    extent = taps.amax(1) - lo + 1
+    window = extent <= n_taps
+    n_pix = int(torch.where(window, extent, n_taps).max())
+    ar = torch.arange(n_pix, device=idx.device)
+    pix_window = (lo[:, None] + ar).clamp(max=length - 1)
+    pix_taps = taps[:, ar.clamp(max=n_taps - 1)]
+    pix = torch.where(window[:, None], pix_window, pix_taps)
+    # where each tap lands in pix: offset from lo (window) or its own slot (taps)
+    slot = torch.where(window[:, None], taps - lo[:, None], torch.arange(n_taps, device=idx.device))
+    m = w.new_zeros((k, n_bins, n_pix))
+    m.scatter_add_(2, slot.view(k, n_bins, -1), w.reshape(k, n_bins, -1))
+    return pix.view(k0, n_bins0, n_pix), m.view(k0, n_bins0, n_pix)
+
+
 def _taps(rois: Tensor, height: int, width: int, output_size: Sequence[int], spatial_scale: float,
           sampling_ratio: int, aligned: bool, dtype: torch.dtype) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Yield (roi_ids (k,), flat_idx (k*oh*ow, S), weights (k*oh*ow, S), count (k,)) per chunk.
@@ -118,8 +151,12 @@ def _taps(rois: Tensor, height: int, width: int, output_size: Sequence[int], spa
         iy, wy = _axis_taps(y0[ids], rh[ids], gh[ids], g_y, oh, height)  # (k, oh, Gy, 2)
         ix, wx = _axis_taps(x0[ids], rw[ids], gw[ids], g_x, ow, width)   # (k, ow, Gx, 2)
         k = ids.numel()
-        row = (batch[ids, None, None, None] * height + iy) * width  # (k, oh, Gy, 2)
-        # (k, oh, 1, Gy*2, 1) + (k, 1, ow, 1, Gx*2) -> (k*oh*ow, S)
+        if g_y > 2:  # else at most 4 taps per bin side: merging cannot shorten the list
+            iy, wy = _axis_matrix(iy, wy, height)  # (k, oh, Ly)
+        if g_x > 2:
+            ix, wx = _axis_matrix(ix, wx, width)   # (k, ow, Lx)
+        row = (batch[ids, None, None] * height + iy.view(k, oh, -1)) * width  # (k, oh, Ly)
+        # (k, oh, 1, Ly, 1) + (k, 1, ow, 1, Lx) -> (k*oh*ow, S)
         flat = row.view(k, oh, 1, -1, 1) + ix.view(k, 1, ow, 1, -1)
         w = wy.view(k, oh, 1, -1, 1) * wx.view(k, 1, ow, 1, -1)
         count = (gh[ids] * gw[ids]).clamp(min=1).to(dtype)

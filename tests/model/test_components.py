@@ -124,7 +124,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_checkpoint_rejects_garbage(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
         read_meta(tmp_path / "bad")
     with pytest.raises(FileNotFoundError):
         read_meta(tmp_path / "missing")

@@ -7,6 +7,7 @@ import torch
 from torch.export import Dim
 
 from model.ops import (
+    DECOMPOSITIONS,
     batched_nms,
     box_area,
     box_iou,
@@ -80,4 +81,17 @@ def test_export_roi_ops_dynamic_batch_size_and_rois():
                              "frcnn.multiscale_roi_align.default"}
     other = inputs(3, 5, 12, 40, 1)
     for got, want in zip(ep.module()(*other), Pool()(*other), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_box_op_decompositions_give_plain_aten():
+    ep = torch.export.export(Postprocess(), (random_boxes(40, 0), torch.rand(40), torch.randint(0, 3, (40,)),
+                                             torch.tensor([40, 45])))
+    table = torch.export.default_decompositions()
+    table.update(DECOMPOSITIONS)
+    dec = ep.run_decompositions(table)
+    assert frcnn_ops(dec) == {"frcnn.remove_small_boxes.default", "frcnn.batched_nms.default",
+                              "frcnn.nms.default"}
+    args = (random_boxes(40, 2), torch.rand(40), torch.randint(0, 3, (40,)), torch.tensor([30, 45]))
+    for got, want in zip(dec.module()(*args), Postprocess()(*args), strict=True):
         assert torch.equal(got, want)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import itertools
+import math
 
 import pytest
 import torch
@@ -64,6 +66,47 @@ def test_roi_align_adaptive_grids_chunked(monkeypatch):
     module = importlib.import_module("model.ops.roi_align")
     monkeypatch.setattr(module, "_TAP_BUDGET", 1)
     torch.testing.assert_close(roi_align(x, rois, (3, 3), 1.0, 0, False), ref)
+
+
+def naive_roi_align(x, rois, out_hw, scale, sampling_ratio, aligned):
+    """torchvision's RoIAlign written out sample by sample with Python scalars (slow, obvious)."""
+    _, c, h, w = x.shape
+    oh, ow = out_hw
+    out = torch.zeros(len(rois), c, oh, ow, dtype=x.dtype)
+    off = 0.5 if aligned else 0.0
+    for r, (b, x1, y1, x2, y2) in enumerate(rois.tolist()):
+        sx, sy = x1 * scale - off, y1 * scale - off
+        rw, rh = x2 * scale - off - sx, y2 * scale - off - sy
+        if not aligned:
+            rw, rh = max(rw, 1.0), max(rh, 1.0)
+        gy = sampling_ratio if sampling_ratio > 0 else math.ceil(rh / oh)
+        gx = sampling_ratio if sampling_ratio > 0 else math.ceil(rw / ow)
+        for ph, pw, iy, ix in itertools.product(range(oh), range(ow), range(gy), range(gx)):
+            y = sy + ph * rh / oh + (iy + 0.5) * rh / oh / gy
+            xx = sx + pw * rw / ow + (ix + 0.5) * rw / ow / gx
+            if y < -1 or y > h or xx < -1 or xx > w:
+                continue
+            y, xx = min(max(y, 0.0), h - 1), min(max(xx, 0.0), w - 1)
+            y0, x0 = int(y), int(xx)
+            y1_, x1_ = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+            ly, lx = y - y0, xx - x0
+            img = x[int(b)]
+            v = ((1 - ly) * (1 - lx) * img[:, y0, x0] + (1 - ly) * lx * img[:, y0, x1_]
+                 + ly * (1 - lx) * img[:, y1_, x0] + ly * lx * img[:, y1_, x1_])
+            out[r, :, ph, pw] += v / max(gy * gx, 1)
+    return out
+
+
+@pytest.mark.parametrize(("sampling_ratio", "aligned"), [(0, False), (0, True), (3, False)])
+def test_roi_align_equals_naive_reference_large_grids(sampling_ratio, aligned):
+    # large RoIs on a small output: adaptive grids of up to 9 samples per bin side, so the
+    # per-bin merging of taps that share a pixel is exercised (and the edge/outside rules)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 13, 17, generator=g, dtype=torch.float64)
+    rois = torch.tensor([[0, 0, 0, 16, 12], [1, -3, 2, 20, 9.5], [0, 3.3, 4.1, 5, 6], [1, 10, 1, 30, 30]],
+                        dtype=torch.float64)
+    out = roi_align(x, rois, (2, 3), 1.0, sampling_ratio, aligned)
+    torch.testing.assert_close(out, naive_roi_align(x, rois, (2, 3), 1.0, sampling_ratio, aligned))
 
 
 @pytest.mark.parametrize(("sampling_ratio", "aligned"), [(2, False), (0, True)])

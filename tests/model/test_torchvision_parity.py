@@ -8,8 +8,15 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.transform import preprocess
-from tests.model.parity import (COCO128, as_dict, golden, golden_dets, load_coco_image, match_rate,
-                                parity_state_dict)
+from tests.model.parity import (
+    COCO128,
+    as_dict,
+    golden,
+    golden_dets,
+    load_coco_image,
+    match_rate,
+    parity_state_dict,
+)
 
 pytestmark = pytest.mark.skipif(not COCO128.exists(), reason="../shared/data/coco128 not found")
 ARCHS = ["resnet50_fpn", "mobilenet_v3_large_fpn"]
