@@ -36,7 +36,8 @@ lint: install
 
 demo-model: install
 	$(PY) -m train --data synthetic-shapes --preset tiny --out runs/demo-tiny-shapes --seed 0
-	$(PY) -m model export-weights runs/demo-tiny-shapes/best --out $(MODEL)
+	rm -rf $(MODEL) && mkdir -p $(MODEL)
+	cp runs/demo-tiny-shapes/best/model.safetensors runs/demo-tiny-shapes/best/model.json $(MODEL)/
 
 # Reference venv with torchvision (CUDA build, runs on CPU): only for golden fixtures and side-by-side benchmarks.
 refvenv: .refvenv/.installed

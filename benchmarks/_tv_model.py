@@ -1,14 +1,16 @@
 """Helper for benchmarks/onnx_speed.py, run by the reference venv (.refvenv: torch + torchvision),
-never imported by project code: times torchvision's fasterrcnn_resnet50_fpn eager on the same weights
-and images, one image per call.
+never imported by project code: torchvision's fasterrcnn_resnet50_fpn, eager, as a line server so
+the benchmark can interleave its calls with the other variants' (fair timings on a shared machine).
 
-  .refvenv/bin/python benchmarks/_tv_model.py --weights W.pth --threads 2 --repeats 2 IMAGES... > out.json
+  .refvenv/bin/python benchmarks/_tv_model.py --weights W.pth --threads 2
+  stdin:  one image path per line  ->  stdout: {"s": seconds of net([image]), "n": detections}
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -21,28 +23,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", required=True)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("images", nargs="+")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     net = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, min_size=600, max_size=1000)
-    sd = torch.load(args.weights, map_location="cpu", weights_only=True)
-    net.load_state_dict(sd, strict=False)
+    net.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True), strict=False)
     net.eval()
-    imgs = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1).float() / 255
-            for p in args.images]
-    times, dets = [], []
-    with torch.no_grad():
-        net([imgs[0]])  # warm-up
-        for img in imgs:
-            best = float("inf")
-            for _ in range(args.repeats):
-                t = time.perf_counter()
-                out = net([img])[0]
-                best = min(best, time.perf_counter() - t)
-            times.append(best)
-            dets.append({k: v.tolist() for k, v in out.items()})
-    print(json.dumps({"times": times, "detections": dets, "torch": torch.__version__}))
+    print(json.dumps({"ready": torch.__version__}), flush=True)
+    for line in sys.stdin:
+        img = Image.open(line.strip()).convert("RGB")
+        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
+        with torch.no_grad():
+            t = time.perf_counter()
+            out = net([x])[0]
+            s = time.perf_counter() - t
+        print(json.dumps({"s": s, "n": len(out["scores"])}), flush=True)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,16 @@ def _case_fn(t: dict[str, torch.Tensor], case: str, p: dict):
 
         def fn():
             return pooler(feats, boxes, shapes)
+    elif p["kind"] == "multiscale_roi_align_train":
+        names = [f"p{i}" for i in range(len(p["spatial_scales"]))]
+        leaves = {n: t[f"{case}.{n}"].detach().requires_grad_(True) for n in names}
+        boxes = [t[f"{case}.rois"][:, 1:]]  # one image
+        pooler = ops.MultiScaleRoIAlign(names, p["output_size"], p["sampling_ratio"])
+        shapes = [tuple(p["image_size"])]
+
+        def fn():  # the gradient of the finest map, the one compared
+            out = pooler(leaves, boxes, shapes)
+            return torch.autograd.grad(out, list(leaves.values()), t[f"{case}.grad"])[0]
     else:
         return None
     return fn

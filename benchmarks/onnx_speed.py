@@ -1,18 +1,22 @@
 """onnxruntime CPU vs torchvision eager on R50-FPN at 600/1000, side by side in one run.
 
     python -m benchmarks.onnx_speed [--checkpoint CKPT] [--onnx model.onnx] [--images DIR] [--n 6]
-                                    [--threads 2] [--int8] [--profile] [--out results.json]
+                                    [--threads 2] [--int8] [--bf16] [--profile]
+                                    [--ap-checkpoint SHAPES_CKPT] [--out results.json]
 
 Same weights (a checkpoint; default: tools/parity_weights.py's deterministic R50 stand-in, since no
-pretrained weights can be downloaded here) and the same COCO128 images, one image per call:
+pretrained weights can be downloaded here) and the same COCO128 images, one image per call, each
+variant timed end to end (preprocess, network, postprocess -- what torchvision's net([img]) does):
   torchvision   torchvision's fasterrcnn_resnet50_fpn, eager, in the reference venv (.refvenv)
-  torch         this project's model, eager (fp32, and bf16 autocast when --bf16)
+  torch         this project's model, eager (and bf16 autocast with --bf16)
   ort           the exported graph in onnxruntime (CPU EP, all graph optimisations)
-  ort-int8      (--int8) the graph with its convolutions and fc layers statically quantised
-                (QDQ, per-channel int8 weights, calibrated on other COCO128 images)
-Per image the best of --repeats runs is kept (the machine is shared); the summary is the mean of
-those. --profile adds onnxruntime's per-operator time shares. Agreement with fp32 (match rate,
-and AP with the fp32 detections as ground truth) is reported for every reduced-precision variant.
+  ort-int8      (--int8) backbone/FPN/RPN-conv convolutions and box-head fc layers statically quantised
+                (QDQ, per-channel int8 weights, calibrated on 16 other COCO128 images)
+The variants run interleaved (image by image, round by round) and each keeps its best of --repeats,
+so load from other processes on a shared machine hits them alike. --profile adds onnxruntime's
+per-operator time shares. Agreement with ort fp32 is reported for every other variant; since the
+stand-in weights' scores mean nothing, --ap-checkpoint measures what precision costs in box AP on a
+detector trained on synthetic shapes (real ground truth).
 """
 
 from __future__ import annotations
@@ -44,58 +48,111 @@ def parity_checkpoint(out: Path) -> Path:
     return save_checkpoint(out, net, net.config, class_names=list(COCO_91), provenance={"source": "parity_weights"})
 
 
-def time_calls(fn, images: list, repeats: int) -> list[float]:
-    fn(images[0])  # warm-up
-    out = []
-    for img in images:
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn(img)
-            best = min(best, time.perf_counter() - t)
-        out.append(best)
-    return out
+class TorchvisionServer:
+    """torchvision eager in the reference venv, one image per request (benchmarks/_tv_model.py)."""
 
-
-def torchvision_times(net, paths: list[Path], threads: int, repeats: int) -> dict | None:
-    if not REFVENV_PY.exists():
-        print(f"({REFVENV_PY} missing: `make refvenv` for the torchvision column)", file=sys.stderr)
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / "w.pth"
-        torch.save({k: v for k, v in net.state_dict().items()}, weights)
+    def __init__(self, net, threads: int, work: Path):
+        weights = work / "tv_weights.pth"
+        torch.save(dict(net.state_dict()), weights)
         cmd = [str(REFVENV_PY), str(ROOT / "benchmarks" / "_tv_model.py"), "--weights", str(weights),
-               "--threads", str(threads), "--repeats", str(repeats), *map(str, paths)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(res.stdout)
+               "--threads", str(threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        json.loads(self.proc.stdout.readline())  # {"ready": ...}
+
+    def __call__(self, path: Path) -> float:
+        self.proc.stdin.write(f"{path}\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["s"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
-def quantize_int8(onnx_path: Path, out: Path, calib_paths: list[Path], cfg) -> Path:
-    """Static QDQ int8 (per-channel weights, uint8 activations) of Conv, Gemm and MatMul."""
-    import numpy as np
+def interleaved_times(variants: dict, paths: list[Path], repeats: int) -> dict[str, list[float]]:
+    """variants: name -> fn(path) -> seconds. Per image, every variant runs once per round, rounds
+    repeated, the best kept: load changes on a shared machine hit all variants alike."""
+    for fn in variants.values():
+        fn(paths[0])  # warm-up
+    best = {name: [float("inf")] * len(paths) for name in variants}
+    for i, p in enumerate(paths):
+        for _ in range(repeats):
+            for name, fn in variants.items():
+                best[name][i] = min(best[name][i], fn(p))
+    return best
+
+
+def quantize_int8(onnx_path: Path, out: Path, calib_batches: list[dict]) -> Path:
+    """Static QDQ int8 (per-channel symmetric int8 weights, uint8 activations) of the backbone/FPN
+    convolutions, the RPN's shared 3x3 conv and the box head's fc6/fc7; the RPN's 1x1 outputs and
+    the box predictor stay fp32 (they rank proposals and classes, where int8 rounding reorders
+    near-equal scores)."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from export.verify import load_images
-    from model.transform import preprocess
-
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.items = iter(calib_paths)
+            self.items = iter(calib_batches)
 
         def get_next(self):
-            p = next(self.items, None)
-            if p is None:
-                return None
-            b = preprocess(load_images([p]), cfg.transform)
-            return {"images": b.images.numpy(), "image_sizes": b.image_sizes.numpy().astype(np.int64)}
+            return next(self.items, None)
 
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
+    m = onnx.load(str(pre), load_external_data=False)
+    weights = {i.name for i in m.graph.initializer}
+    # weight names survive BN folding as e.g. "ConvMulFusion_W_net.backbone.body.conv1.weight"
+    parts = ("net.backbone.", "net.rpn.head.conv.", "net.roi_heads.box_head.")
+    wanted = [n.name for n in m.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
+              and any(w in weights and any(p in w for p in parts) for w in n.input)]
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                    op_types_to_quantize=["Conv", "Gemm", "MatMul"],
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, nodes_to_quantize=wanted,
+                    extra_options={"WeightSymmetric": True})
+    return out
+
+
+def ap_cost(ckpt: Path, work: Path, threads: int, n_val: int = 128) -> dict:
+    """Box AP on SyntheticShapes val (real ground truth) of a checkpoint trained on it, per precision:
+    torch fp32, torch bf16 autocast, onnxruntime fp32, onnxruntime int8 (calibrated on train images)."""
+    from export.onnx_export import export_onnx
+    from model.checkpoint import load_checkpoint
+    from model.postprocess import postprocess
+    from model.transform import preprocess
+    from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from train.evaluate import coco_metrics, detections_to_coco
+    from train.shapes import SyntheticShapes
+
+    net, meta = load_checkpoint(ckpt)
+    cfg = meta.config
+    onnx_path = export_onnx(ckpt, work / "ap.onnx", verify=False)
+    val = SyntheticShapes(split="val", size=n_val)
+    train = SyntheticShapes(split="train", size=32)
+    calib = [preprocess([train[i][0]], cfg.transform) for i in range(len(train))]
+    int8 = quantize_int8(onnx_path, work / "ap.int8.onnx",
+                         [{"images": b.images.numpy(), "image_sizes": b.image_sizes.numpy()} for b in calib])
+
+    def bf16(images, sizes):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            raw = net(images, sizes)
+        return type(raw)(raw.batch_idx, raw.scores.float(), raw.boxes.float())
+
+    variants = {"torch": net, "torch-bf16": bf16,
+                "ort": OnnxRuntimeBackend(onnx_path, intra_op_threads=threads),
+                "ort-int8": OnnxRuntimeBackend(int8, intra_op_threads=threads)}
+    out = {}
+    for name, call in variants.items():
+        results = []
+        for s in range(0, len(val), 4):
+            items = [val[i] for i in range(s, min(s + 4, len(val)))]
+            b = preprocess([im for im, _ in items], cfg.transform)
+            with torch.no_grad():
+                dets = postprocess(call(b.images, b.image_sizes), b.image_sizes, b.original_sizes,
+                                   score_thresh=0.05, nms_thresh=cfg.roi_heads.nms_thresh,
+                                   detections_per_img=100, min_size=cfg.roi_heads.min_size)
+            results += detections_to_coco(dets, [t["image_id"] for _, t in items], val.label_to_category_id)
+        m = coco_metrics(val.coco_gt(), results)
+        out[name] = {"AP": round(100 * m["AP"], 2), "AP50": round(100 * m["AP50"], 2)}
     return out
 
 
@@ -148,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--int8", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="also torch eager under bf16 autocast")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--ap-checkpoint", help="a checkpoint trained on synthetic shapes: AP per precision")
     ap.add_argument("--out", help="write the results as JSON")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -160,54 +218,67 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     work = Path(tempfile.mkdtemp(prefix="onnx_speed_"))
+    results: dict = {"threads": args.threads}
+    if args.ap_checkpoint:
+        results["ap_synthetic_shapes"] = ap_cost(Path(args.ap_checkpoint), work, args.threads)
     ckpt = Path(args.checkpoint) if args.checkpoint else parity_checkpoint(work / "r50-parity")
     onnx_path = Path(args.onnx) if args.onnx else export_onnx(ckpt, work / "model.onnx", verify=False)
     net, meta = load_checkpoint(ckpt)
-    cfg = meta.config
+    cfg, rh = meta.config, meta.config.roi_heads
     paths = list_images(args.images)
     test_paths, calib_paths = paths[: args.n], paths[args.n: args.n + 16]
-    batches = [preprocess([img], cfg.transform) for img in load_images(test_paths)]
-    post = dict(score_thresh=cfg.roi_heads.score_thresh, nms_thresh=cfg.roi_heads.nms_thresh,
-                detections_per_img=cfg.roi_heads.detections_per_img, min_size=cfg.roi_heads.min_size)
+    images = dict(zip(test_paths, load_images(test_paths), strict=True))
+    results["images"] = [p.name for p in test_paths]
 
-    def detect(call):
-        return [postprocess(call(b.images, b.image_sizes), b.image_sizes, b.original_sizes, **post)[0]
-                for b in batches]
+    def end_to_end(call, keep: dict):
+        """path -> seconds of preprocess + call + postprocess (what torchvision's net([img]) does)."""
+        def run(path):
+            t = time.perf_counter()
+            b = preprocess([images[path]], cfg.transform)
+            with torch.no_grad():
+                raw = call(b.images, b.image_sizes)
+            keep[path] = postprocess(raw, b.image_sizes, b.original_sizes, score_thresh=rh.score_thresh,
+                                     nms_thresh=rh.nms_thresh, detections_per_img=rh.detections_per_img,
+                                     min_size=rh.min_size)[0]
+            return time.perf_counter() - t
+        return run
 
-    results: dict = {"threads": args.threads, "images": [p.name for p in test_paths], "s_per_image": {}}
-    variants: dict = {}
-
-    def run(name, call):
-        with torch.no_grad():
-            results["s_per_image"][name] = time_calls(lambda b: call(b.images, b.image_sizes), batches, args.repeats)
-            variants[name] = detect(call)
-
-    tv = torchvision_times(net, test_paths, args.threads, args.repeats)
+    dets: dict[str, dict] = {}
+    variants = {}
+    tv = TorchvisionServer(net, args.threads, work) if REFVENV_PY.exists() else None
     if tv is not None:
-        results["s_per_image"]["torchvision"] = tv["times"]
-    ort_fp32 = OnnxRuntimeBackend(onnx_path, intra_op_threads=args.threads, inter_op_threads=1)
-    run("ort", ort_fp32)
-    run("torch", net)
+        variants["torchvision"] = tv
+    for name, call in (("ort", OnnxRuntimeBackend(onnx_path, intra_op_threads=args.threads, inter_op_threads=1)),
+                       ("torch", net)):
+        variants[name] = end_to_end(call, dets.setdefault(name, {}))
     if args.bf16:
-        def bf16(images, sizes):
+        def bf16(images_, sizes):
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                raw = net(images, sizes)
+                raw = net(images_, sizes)
             return type(raw)(raw.batch_idx, raw.scores.float(), raw.boxes.float())
-        run("torch-bf16", bf16)
+        variants["torch-bf16"] = end_to_end(bf16, dets.setdefault("torch-bf16", {}))
     if args.int8:
-        q = quantize_int8(onnx_path, work / "model.int8.onnx", calib_paths, cfg)
-        run("ort-int8", OnnxRuntimeBackend(q, intra_op_threads=args.threads, inter_op_threads=1))
+        calib = [preprocess(load_images([p]), cfg.transform) for p in calib_paths]
+        q = quantize_int8(onnx_path, work / "model.int8.onnx",
+                          [{"images": b.images.numpy(), "image_sizes": b.image_sizes.numpy()} for b in calib])
+        variants["ort-int8"] = end_to_end(OnnxRuntimeBackend(q, intra_op_threads=args.threads, inter_op_threads=1),
+                                          dets.setdefault("ort-int8", {}))
+    results["s_per_image"] = interleaved_times(variants, test_paths, args.repeats)
+    if tv is not None:
+        tv.close()
     mean = {k: sum(v) / len(v) for k, v in results["s_per_image"].items()}
     results["mean_s_per_image"] = mean
     if "torchvision" in mean:
         results["ratio_to_torchvision"] = {k: v / mean["torchvision"] for k, v in mean.items()}
-    results["agreement_with_ort_fp32"] = {k: agreement(variants["ort"], v, meta.class_names)
-                                          for k, v in variants.items() if k != "ort"}
+    ref = [dets["ort"][p] for p in test_paths]
+    results["agreement_with_ort_fp32"] = {k: agreement(ref, [v[p] for p in test_paths], meta.class_names)
+                                          for k, v in dets.items() if k != "ort"}
     if args.profile:
-        results["ort_profile"] = profile_shares(OnnxRuntimeBackend, onnx_path, batches[0], args.threads)[:12]
+        batch = preprocess([images[test_paths[0]]], cfg.transform)
+        results["ort_profile"] = profile_shares(OnnxRuntimeBackend, onnx_path, batch, args.threads)[:12]
         if args.int8:
-            results["ort_int8_profile"] = profile_shares(OnnxRuntimeBackend, work / "model.int8.onnx",
-                                                         batches[0], args.threads)[:12]
+            results["ort_int8_profile"] = profile_shares(OnnxRuntimeBackend, work / "model.int8.onnx", batch,
+                                                         args.threads)[:12]
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

@@ -5,6 +5,7 @@
 Cases (one 608x1024 padded image; FPN maps P2..P5 are 152x256, 76x128, 38x64, 19x32, 256 ch):
   nms_rpn_6000       6000 RPN-like, heavily overlapping proposals, IoU 0.7
   msra_1000          multi-scale RoIAlign, 1000 RoIs, 7x7, sampling_ratio 2 (Faster R-CNN box head)
+  msra_train_512     the same, forward + backward wrt the maps, 512 RoIs (one training image)
   roi_align_p2_1000  roi_align alone on P2, 1000 RoIs, 7x7, sampling_ratio 2
   roi_align_p4_ad    roi_align on P4, 1000 RoIs, 7x7, adaptive sampling, aligned
 
@@ -66,6 +67,13 @@ def make_cases(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, dict]]
     p["msra_1000"] = {"kind": "multiscale_roi_align", "output_size": [7, 7], "spatial_scales": SCALES,
                       "sampling_ratio": 2, "image_size": list(IMAGE_HW)}
 
+    # training: forward + backward wrt the maps, 512 sampled RoIs (the box head's batch)
+    for i, f in enumerate(feats):
+        t[f"msra_train_512.p{i}"] = f
+    t["msra_train_512.rois"] = rois[:512]
+    t["msra_train_512.grad"] = torch.randn(512, 256, 7, 7, generator=g)
+    p["msra_train_512"] = {**p["msra_1000"], "kind": "multiscale_roi_align_train"}
+
     t["roi_align_p2_1000.input"], t["roi_align_p2_1000.rois"] = feats[0], rois
     p["roi_align_p2_1000"] = {"kind": "roi_align", "output_size": [7, 7], "spatial_scale": SCALES[0],
                               "sampling_ratio": 2, "aligned": False}
@@ -82,8 +90,16 @@ def _ours(t: dict[str, torch.Tensor], case: str, p: dict):
         return lambda: roi_align(t[f"{case}.input"], t[f"{case}.rois"], p["output_size"],
                                  p["spatial_scale"], p["sampling_ratio"], p["aligned"])
     feats = [t[f"{case}.p{i}"] for i in range(len(p["spatial_scales"]))]
-    return lambda: multiscale_roi_align(feats, t[f"{case}.rois"], p["output_size"], p["spatial_scales"],
-                                        p["sampling_ratio"])
+    if p["kind"] == "multiscale_roi_align":
+        return lambda: multiscale_roi_align(feats, t[f"{case}.rois"], p["output_size"], p["spatial_scales"],
+                                            p["sampling_ratio"])
+    leaves = [f.detach().requires_grad_(True) for f in feats]
+
+    def train_step():  # returns the gradient of the finest map, the one compared
+        out = multiscale_roi_align(leaves, t[f"{case}.rois"], p["output_size"], p["spatial_scales"],
+                                   p["sampling_ratio"])
+        return torch.autograd.grad(out, leaves, t[f"{case}.grad"])[0]
+    return train_step
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -123,7 +139,7 @@ def run_ops_bench(repeats: int = 7, threads: int = 2, seed: int = 0) -> list[dic
     rows = []
     for case, params in p.items():
         fn = _ours(t, case, params)
-        with torch.inference_mode():
+        with torch.inference_mode(not params["kind"].endswith("_train")):
             ms = _median_ms(fn, repeats)
             out = fn()
         row = {"name": case, "ours_ms": round(ms, 2), "torchvision_ms": None, "ratio": None, "agree": None}

@@ -33,6 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO = ROOT.parent / "shared" / "data" / "coco128" / "train2017"
+CACHE = Path(tempfile.gettempdir()) / "frcnn-bench-cache"  # ONNX exports made for benchmarking
 
 
 def pct(values: list[float], q: float) -> float:
@@ -90,7 +91,7 @@ def start_server(args: argparse.Namespace, model: Path) -> tuple[subprocess.Pope
     port = sock.getsockname()[1]
     sock.close()
     env = {**os.environ, "FRCNN_INTRA_OP_THREADS": str(args.threads), "FRCNN_QUEUE_SIZE": "256",
-           "FRCNN_CACHE_DIR": str(Path(tempfile.gettempdir()) / "frcnn-bench-cache"), "FRCNN_LOG_LEVEL": "warning"}
+           "FRCNN_CACHE_DIR": str(CACHE), "FRCNN_LOG_LEVEL": "warning"}
     cmd = [sys.executable, "-m", "server", "--model", str(model), "--backend", args.backend, "--port", str(port),
            "--max-batch-size", str(args.max_batch_size), "--max-delay-ms", str(args.max_delay_ms),
            "--workers", str(args.workers)]
@@ -231,8 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"model": str(model), "random": args.random, "backend": args.backend, "cpus": os.cpu_count(),
                     "threads": args.threads, "max_batch_size": args.max_batch_size, "max_delay_ms": args.max_delay_ms}
 
-    print(f"backend alone ({model.name}, {args.backend}, {args.threads} threads):")
-    alone = backend_alone(model, args.backend, [load_image(d) for _, d in payloads], args.max_batch_size,
+    # The same file and backend the server will pick (backend "auto" on a checkpoint exports ONNX).
+    from server.model_source import resolve
+    from server.settings import Settings
+
+    alone_model, alone_backend = resolve(Settings(_env_file=None, model=model, backend=args.backend,
+                                                  cache_dir=CACHE))
+    print(f"backend alone ({alone_model.name}, {alone_backend}, {args.threads} threads):")
+    alone = backend_alone(alone_model, alone_backend, [load_image(d) for _, d in payloads], args.max_batch_size,
                           args.threads, seconds_per_size=max(3.0, args.duration / 3))
     report["backend_alone"] = alone
 

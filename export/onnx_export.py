@@ -132,9 +132,9 @@ def build_graph(net: torch.nn.Module, cfg, class_names: list[str], *, opset: int
 
 
 def _drop_runtime_asserts(exported: torch.export.ExportedProgram) -> None:
-    """Remove torch.export's runtime shape assertions (e.g. an unbacked NMS count <= 2**65, whose
-    bound does not fit in int64) and the arithmetic feeding them: they check nothing the ONNX graph
-    needs, and the ONNX exporter cannot write such constants."""
+    """Remove torch.export's runtime shape assertions and the symbolic arithmetic feeding them. The
+    ONNX graph needs none of them; the ONNX exporter drops the assert nodes but translates their
+    inputs, and a bound like `u3 <= 2**65` on a data-dependent count does not fit in an int64."""
     gm = exported.graph_module
     asserts = {torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default,
                torch.ops.aten._assert_tensor_metadata.default}

@@ -59,6 +59,7 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint must be readable by a server's user
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

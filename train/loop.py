@@ -147,7 +147,16 @@ class Trainer:
                 self.scaler.load_state_dict(self.saved["scaler"])
         proposer = None
         if stage.fixed_proposals:
-            proposer = copy.deepcopy(self.net).requires_grad_(False)
+            # The previous step's network, as saved when that step ended (so a resumed run
+            # proposes with the same weights); a copy of the current one when there is none.
+            prev = self.run_dir / f"stage-{self.stages[stage_idx - 1].name}" if stage_idx > 0 else None
+            if prev is not None and (prev / "model.safetensors").exists():
+                from model.checkpoint import load_checkpoint
+
+                proposer = load_checkpoint(prev)[0].to(self.device)
+            else:
+                proposer = copy.deepcopy(self.net)
+            proposer.requires_grad_(False).eval()
         step_module: nn.Module = LossModule(self.net, stage.parts, proposer)
         if self.world > 1:
             step_module = nn.parallel.DistributedDataParallel(
@@ -249,6 +258,8 @@ class Trainer:
             run_state.plot_metrics(self.run_dir, self.metrics)
             stage_done = st["stage"] != stage_idx
             self._save("last", None if stage_done else optimizer, None if stage_done else scheduler)
+            if stage_done and len(self.stages) > 1:
+                self._save(f"stage-{stage.name}", None, None)
             if improved:
                 self._save("best", None, None)
             log.info("epoch %d (%s): %s", entry["epoch"], stage.name,

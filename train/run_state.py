@@ -7,6 +7,7 @@
       train.log       log lines of rank 0
       last/           checkpoint after the latest epoch (or every N iterations)
       best/           checkpoint with the best validation metric so far
+      stage-<name>/   (alternating scheme) the network at the end of each step
         model.safetensors, model.json   model.checkpoint.save_checkpoint (never pickled)
         train_state.pt                  optimizer, scheduler, scaler, epoch, iteration, RNG,
                                         Dynamic R-CNN state; loaded with weights_only=True

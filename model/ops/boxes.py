@@ -35,8 +35,10 @@ def _box_iou_ref(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
 
 def _clip_boxes_ref(boxes: Tensor, image_size: Tensor) -> Tensor:
-    # (..., 2) (h, w) -> (..., 4) upper bounds (w, h, w, h) in the boxes' dtype
-    upper = image_size[..., [1, 0, 1, 0]].to(boxes.dtype)
+    # (..., 2) (h, w) -> (..., 4) upper bounds (w, h, w, h) in the boxes' dtype; stack rather
+    # than a list index, which would become a tensor constant when used as a decomposition
+    h, w = image_size[..., 0], image_size[..., 1]
+    upper = torch.stack([w, h, w, h], -1).to(boxes.dtype)
     return torch.minimum(boxes.clamp(min=0), upper)
 
 

@@ -14,9 +14,11 @@ on the tile's suppression matrix S (S[j, i]: earlier box j would suppress later 
 
 Box i only depends on boxes before it, so after m rounds the first m entries are final; in
 practice suppression chains are short and it settles in a handful of rounds. The tile's kept
-boxes then suppress everything after the tile in one (kept x rest) IoU pass, and the survivors
+boxes then suppress everything after the tile in a (kept x rest) IoU pass, and the survivors
 are compacted, so later tiles never look at dead boxes. Work is about (kept x alive) IoUs, the
-same as the greedy C++ loop, but in large tensor ops.
+same as the greedy C++ loop, but in vectorised blocks that are deliberately kept serial (see
+_TILE): NMS is a chain of small dependent steps, where thread-pool barriers cost more than
+they save.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from torch import Tensor
 
 __all__ = ["nms", "batched_nms"]
 
-_TILE = 256
-# Bound on one (kept x rest) IoU block (its temporaries are ~3 such arrays), for very large N.
-_CROSS_BLOCK = 1 << 20
+# Block sizes keep every tensor op of NMS under ATen's parallel grain (32768 elements), so NMS never
+# enters the intra-op thread pool. Its ~thousand small sequential ops would otherwise each wait
+# for a second thread at a barrier; on a busy machine every such wait costs a scheduler timeslice
+# (measured: 36 ms on 1 thread became 3.5 s on 2 under load). Serial and cache-resident instead.
+_TILE = 96  # (2, T, T) IoU temporaries: 18432 elements
+_CROSS_BLOCK = 16000  # kept x rest pairs per block: (2, k, r) temporaries < 32768 elements
 
 
 def _threshold_below(iou_threshold: float, dtype: torch.dtype, device) -> Tensor:
@@ -78,13 +83,24 @@ def _resolve_tile(tile: Tensor, cls: Tensor | None, thr: Tensor, work: Tensor) -
     sup = _pair_iou(tile, tile, work) > thr  # (T, T)
     if cls is not None:
         sup &= cls[:, None] == cls[None, :]
-    sup = sup.triu_(1).to(tile.dtype if tile.dtype != torch.float16 else torch.float32)
-    keep = torch.ones(tile.shape[1], dtype=torch.bool, device=tile.device)
+    n = tile.shape[1]
+    # strictly upper triangle (only earlier boxes suppress later ones); a compare, not triu_,
+    # which always goes to the thread pool
+    sup &= torch.arange(n, device=tile.device)[:, None] < torch.arange(n, device=tile.device)[None, :]
+    keep = torch.ones(n, dtype=torch.bool, device=tile.device)
     while True:
-        new = (keep.to(sup.dtype) @ sup) == 0  # (T,) no kept earlier box suppresses it
+        # no kept earlier box suppresses it; bool ops rather than a matmul: BLAS threads that
+        # spin between calls are ruinous on a busy machine
+        new = ~(sup & keep[:, None]).any(0)
         if torch.equal(new, keep):
             return keep
         keep = new
+
+
+def _select(x: Tensor, mask: Tensor) -> Tensor:
+    """x[..., mask] for a 1-D bool mask over the last dim. masked_select stays serial on small
+    inputs where boolean indexing goes to the thread pool."""
+    return torch.masked_select(x, mask).view(*x.shape[:-1], -1)
 
 
 def _nms_impl(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None) -> Tensor:
@@ -94,29 +110,29 @@ def _nms_impl(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor 
     if not boxes.is_floating_point():
         boxes = boxes.to(torch.get_default_dtype())
     order = torch.sort(scores, descending=True, stable=True).indices
-    b = boxes[order]
+    b = boxes.index_select(0, order)
     # (5, N) rows x1, y1, x2, y2, area: each row contiguous for the broadcasts in _pair_iou
     cols = torch.cat([b.t(), ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[None]]).contiguous()
-    cls = idxs[order] if idxs is not None else None
+    cls = idxs.index_select(0, order) if idxs is not None else None
     thr = _threshold_below(iou_threshold, cols.dtype, cols.device)
 
-    # temporaries of the largest IoU block, (tile x rest) or (tile x tile), reused by every block
-    work = cols.new_empty(4 * _TILE * max(_TILE, min(n, _CROSS_BLOCK // _TILE + 1)))
+    # temporaries of the largest IoU block, (tile x tile) or (kept x rest), reused by every block
+    work = cols.new_empty(4 * max(_TILE * _TILE, _CROSS_BLOCK))
     alive = order  # original indices of the boxes not yet suppressed, in score order
     kept: list[Tensor] = []
     while alive.numel() > 0:
         tile, rest = cols[:, :_TILE], cols[:, _TILE:]
         tile_cls = cls[:_TILE] if cls is not None else None
         keep = _resolve_tile(tile, tile_cls, thr, work)
-        kept.append(alive[:_TILE][keep])
+        kept.append(_select(alive[:_TILE], keep))
         if rest.shape[1] == 0:
             break
         rest_cls = cls[_TILE:] if cls is not None else None
-        dead = _suppressed_by(tile[:, keep], tile_cls[keep] if cls is not None else None,
+        dead = _suppressed_by(_select(tile, keep), _select(tile_cls, keep) if cls is not None else None,
                               rest, rest_cls, thr, work)
         live = ~dead
-        cols, alive = rest[:, live], alive[_TILE:][live]
-        cls = rest_cls[live] if cls is not None else None
+        cols, alive = _select(rest, live), _select(alive[_TILE:], live)
+        cls = _select(rest_cls, live) if cls is not None else None
     return torch.cat(kept)
 
 

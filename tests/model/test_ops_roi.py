@@ -113,7 +113,8 @@ def test_roi_align_equals_naive_reference_large_grids(sampling_ratio, aligned):
 def test_roi_align_gradcheck(sampling_ratio, aligned):
     x = torch.randn(2, 2, 6, 7, dtype=torch.float64, requires_grad=True)
     rois = torch.tensor([[0, 0.5, 1, 5, 4], [1, -1, 2, 3, 7], [0, 4, 4, 9, 9]], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda t: roi_align(t, rois, (2, 3), 1.0, sampling_ratio, aligned), (x,))
+    assert torch.autograd.gradcheck(lambda t: roi_align(t, rois, (2, 3), 1.0, sampling_ratio, aligned), (x,),
+                                    fast_mode=True)
 
 
 # --- roi_pool -----------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ def test_roi_pool_empty_bin_is_zero_and_gradient_routes_to_max():
 def test_roi_pool_gradcheck():
     x = torch.randn(1, 2, 7, 6, dtype=torch.float64, requires_grad=True)
     rois = torch.tensor([[0, 0, 0, 5, 6], [0, 2, 1, 4, 3]], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda t: roi_pool(t, rois, (2, 2), 1.0), (x,))
+    assert torch.autograd.gradcheck(lambda t: roi_pool(t, rois, (2, 2), 1.0), (x,), fast_mode=True)
 
 
 # --- multiscale_roi_align ----------------------------------------------------------------------
@@ -176,11 +177,11 @@ def test_multiscale_equals_roi_align_on_the_mapped_level():
 
 
 def test_multiscale_gradcheck_all_levels():
-    feats = [torch.randn(1, 2, 64 >> lvl, 64 >> lvl, dtype=torch.float64, requires_grad=True)
+    feats = [torch.randn(1, 2, 32 >> lvl, 32 >> lvl, dtype=torch.float64, requires_grad=True)
              for lvl in range(2, 4)]
     # canonical_scale 64: sqrt(area) 8 -> level 1, clamped to 2; 32 -> level 3
-    rois = torch.tensor([[0, 2, 2, 10, 10], [0, 20, 10, 52, 42], [0, 5, 30, 13, 38]], dtype=torch.float64)
+    rois = torch.tensor([[0, 2, 2, 10, 10], [0, 0, 0, 32, 32], [0, 5, 14, 13, 22]], dtype=torch.float64)
     assert map_levels(rois, [1 / 4, 1 / 8], canonical_scale=64).tolist() == [0, 1, 0]
     assert torch.autograd.gradcheck(
         lambda a, b: multiscale_roi_align([a, b], rois, 2, [1 / 4, 1 / 8], 2, canonical_scale=64),
-        tuple(feats))
+        tuple(feats), fast_mode=True)

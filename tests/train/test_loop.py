@@ -153,3 +153,10 @@ def test_dynamic_rcnn_and_bf16_autocast_run(tmp_path):
     dyn = state["dynamic"]
     assert dyn["iteration"] == 4 and dyn["iou_history"] == []  # updated at iterations 2 and 4
     assert dyn["iou_thresh"] >= 0.4 and 0 < dyn["beta"] <= 1.0
+
+
+def test_alternating_scheme_runs_four_steps(tmp_path):
+    result = start(_spec(tmp_path / "alt4", "train.scheme=alternating", "train.epochs=1"))
+    assert [m["stage"] for m in result.metrics] == ["1-rpn", "2-fast-rcnn", "3-rpn-tune", "4-fast-rcnn-tune"]
+    assert "loss_classifier" not in result.metrics[0] and "loss_objectness" not in result.metrics[1]
+    assert (tmp_path / "alt4" / "stage-1-rpn" / "model.safetensors").exists()

@@ -1,0 +1,64 @@
+"""A torchvision-layout R50-FPN (tools/parity_weights.py) exported to ONNX and run by onnxruntime on
+one batch of three COCO128 images of different sizes gives torchvision's own detections
+(tests/fixtures/tv_r50_golden.safetensors, made by tools/make_golden_model.py in the reference venv)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from export.verify import load_images, matched_fraction
+from model.postprocess import Detections, postprocess
+from model.transform import preprocess
+from tests.export.conftest import COCO
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "fixtures" / "tv_r50_golden.safetensors"
+NAMES = ["000000000009", "000000000036", "000000000049"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def r50_onnx(tmp_path_factory):
+    if not GOLDEN.exists() or not COCO.is_dir():
+        pytest.skip("torchvision golden fixture or COCO128 images missing")
+    sys.path.insert(0, str(ROOT / "tools"))
+    from parity_weights import parity_state_dict, seeded_model
+
+    from export.onnx_export import build_graph
+
+    net = seeded_model()
+    net.load_state_dict(parity_state_dict())
+    proto = build_graph(net, net.config, [f"c{i}" for i in range(91)])
+    path = tmp_path_factory.mktemp("r50") / "r50.onnx"
+    import onnx
+
+    onnx.save_model(proto, str(path))
+    return path, net.config
+
+
+def test_onnxruntime_batch_of_three_sizes_gives_torchvision_detections(r50_onnx):
+    from safetensors.torch import load_file
+
+    from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    path, cfg = r50_onnx
+    golden = load_file(str(GOLDEN))
+    images = load_images([COCO / f"{n}.jpg" for n in NAMES])
+    batch = preprocess(images, cfg.transform)
+    assert len({tuple(s) for s in batch.image_sizes.tolist()}) == 3  # three sizes in one padded batch
+    for name, size in zip(NAMES, batch.image_sizes, strict=True):
+        assert size.tolist() == golden[f"{name}/image_size"].tolist()
+    raw = OnnxRuntimeBackend(path, intra_op_threads=2)(batch.images, batch.image_sizes)
+    rh = cfg.roi_heads
+    ours = postprocess(raw, batch.image_sizes, batch.original_sizes, score_thresh=rh.score_thresh,
+                       nms_thresh=rh.nms_thresh, detections_per_img=rh.detections_per_img, min_size=rh.min_size)
+    theirs = [Detections(golden[f"batch3/{n}/boxes"], golden[f"batch3/{n}/scores"], golden[f"batch3/{n}/labels"])
+              for n in NAMES]
+    m1, n1 = matched_fraction(ours, theirs)
+    m2, n2 = matched_fraction(theirs, ours)
+    assert n1 > 0 and n2 > 0
+    assert m1 / n1 >= 0.95 and m2 / n2 >= 0.95, (m1, n1, m2, n2)
