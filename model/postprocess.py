@@ -28,9 +28,11 @@ class Detections(NamedTuple):
 
 def postprocess(raw: RawDetections, image_sizes: torch.Tensor, original_sizes: torch.Tensor, *,
                 score_thresh: float | list[float] = 0.05, nms_thresh: float = 0.5,
-                detections_per_img: int | list[int] = 100, min_size: float = 1e-2) -> list[Detections]:
-    """Per image: drop background, keep class scores > score_thresh, drop boxes smaller than
-    min_size, class-wise NMS, keep the detections_per_img best, rescale to the original size.
+                detections_per_img: int | list[int] = 100, min_size: float = 1e-2,
+                classes: list[torch.Tensor | None] | None = None) -> list[Detections]:
+    """Per image: drop background, keep class scores > score_thresh (and, where classes[i] is
+    given, only those label ids), drop boxes smaller than min_size, class-wise NMS, keep the
+    detections_per_img best, rescale to the original size.
 
     score_thresh and detections_per_img may be given per image (one request each in a batch).
     """
@@ -45,7 +47,10 @@ def postprocess(raw: RawDetections, image_sizes: torch.Tensor, original_sizes: t
     for i in range(B):
         rows = torch.nonzero(raw.batch_idx == i).flatten()
         s, b, lab = scores[rows].reshape(-1), boxes[rows].reshape(-1, 4), labels[rows].reshape(-1)
-        keep = torch.nonzero(s > thresholds[i]).flatten()
+        wanted = s > thresholds[i]
+        if classes is not None and classes[i] is not None:
+            wanted &= torch.isin(lab, classes[i].to(lab.device))
+        keep = torch.nonzero(wanted).flatten()
         s, b, lab = s[keep], b[keep], lab[keep]
         keep = remove_small_boxes(b, min_size)
         s, b, lab = s[keep], b[keep], lab[keep]

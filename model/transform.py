@@ -25,7 +25,8 @@ def resized_size(h: int, w: int, min_size: float, max_size: float) -> tuple[int,
     """The (h, w) an image is resized to; scale = min(min_size / short side, max_size / long side),
     in float64 with the sizes floored, as torchvision's eager transform does."""
     scale = min(float(min_size) / min(h, w), float(max_size) / max(h, w))
-    return int(math.floor(h * scale)), int(math.floor(w * scale))
+    # max(1, ...): a 1 x 5000 px strip must not vanish (torchvision would fail on it)
+    return max(1, int(math.floor(h * scale))), max(1, int(math.floor(w * scale)))
 
 
 def to_float(image: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,6 @@ server) can map it to a client error without catching broad exceptions:
     CorruptImageError     a recognised format whose data is truncated or damaged
     ImageTooLargeError    more pixels than `max_pixels` (decompression bombs), checked from the
                           header before any pixel is decoded
-    ImageShapeError       decodable, but a model cannot use its shape (raised by callers that know
-                          the model's input size, e.g. 1 x 5000 px shrinks to 0 rows)
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ __all__ = [
     "CorruptImageError",
     "EmptyImageError",
     "ImageError",
-    "ImageShapeError",
     "ImageTooLargeError",
     "UnsupportedImageError",
     "load_image",
@@ -63,10 +60,6 @@ class CorruptImageError(ImageError):
 
 
 class ImageTooLargeError(ImageError):
-    pass
-
-
-class ImageShapeError(ImageError):
     pass
 
 

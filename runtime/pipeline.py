@@ -119,10 +119,11 @@ class Pipeline:
         if len(options) != n:
             raise ValueError(f"{len(options)} option sets for {n} images")
         cfg = self.config.roi_heads
-        dets = postprocess(raw, batch.image_sizes, batch.original_sizes,
+        return postprocess(raw, batch.image_sizes, batch.original_sizes,
                            score_thresh=[o.score_threshold for o in options], nms_thresh=cfg.nms_thresh,
-                           detections_per_img=[o.max_detections for o in options], min_size=cfg.min_size)
-        return [_only_classes(d, o.classes) for d, o in zip(dets, options)]
+                           detections_per_img=[o.max_detections for o in options], min_size=cfg.min_size,
+                           classes=[None if o.classes is None else torch.tensor(sorted(o.classes), dtype=torch.int64)
+                                    for o in options])
 
     def predict(self, images: list[np.ndarray | torch.Tensor], *, score_threshold: float | None = None,
                 max_detections: int | None = None) -> list[Detections]:
@@ -132,9 +133,3 @@ class Pipeline:
         batch = self.preprocess(images)
         return self.postprocess(self.infer(batch), batch, [opts] * len(images))
 
-
-def _only_classes(d: Detections, classes: frozenset[int] | None) -> Detections:
-    if classes is None:
-        return d
-    keep = torch.isin(d.labels, torch.tensor(sorted(classes), dtype=d.labels.dtype))
-    return Detections(d.boxes[keep], d.scores[keep], d.labels[keep])

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,14 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from runtime.images import ImageShapeError, load_image
+from runtime.images import load_image
 
 log = logging.getLogger(__name__)
-
-# With a class filter, ask the postprocess for this many before filtering, so that
-# max_detections counts only the kept classes.
-_PRE_FILTER_TOP_K = 1000
-
 
 @dataclass(frozen=True)
 class Job:
@@ -69,9 +63,6 @@ class Engine:
     def __init__(self, pipe: Any, *, max_pixels: int) -> None:
         self.pipe = pipe
         self.max_pixels = max_pixels
-        self._per_item = hasattr(pipe, "prepare") and hasattr(pipe, "collate")
-        if not self._per_item:
-            log.warning("pipeline has no prepare/collate: preprocessing runs at batch time")
         self.on_backend: Any = None  # callable(seconds) for metrics
 
     # -- model facts ---------------------------------------------------------------------------
@@ -114,31 +105,17 @@ class Engine:
     def prepare(self, job: Job) -> Prepared:
         t0 = time.perf_counter()
         image = load_image(job.data, max_pixels=self.max_pixels)
-        self._check_shape(*image.shape[:2])
         t1 = time.perf_counter()
-        item = self.pipe.prepare(image) if self._per_item else image
+        item = self.pipe.prepare(image)
         t2 = time.perf_counter()
         h, w = image.shape[:2]
         return Prepared(job=job, width=w, height=h, item=item, decode_s=t1 - t0, preprocess_s=t2 - t1)
-
-    def _check_shape(self, h: int, w: int) -> None:
-        """A very thin image resizes to zero rows or columns: the client's problem, not a 500."""
-        s = self.input_settings
-        if "min_size" not in s or "max_size" not in s:
-            return
-        scale = min(float(s["min_size"]) / min(h, w), float(s["max_size"]) / max(h, w))
-        if int(h * scale) < 1 or int(w * scale) < 1:
-            raise ImageShapeError(f"a {w}x{h} image resizes to {int(w * scale)}x{int(h * scale)} pixels "
-                                  f"(longer side at most {s['max_size']}): too elongated")
 
     # -- inference thread ----------------------------------------------------------------------
 
     def handle(self, items: list[Prepared]) -> list[Answer]:
         start = time.perf_counter()
-        if self._per_item:
-            batch = self.pipe.collate([p.item for p in items])
-        else:
-            batch = self.pipe.preprocess([p.item for p in items])
+        batch = self.pipe.collate([p.item for p in items])
         t0 = time.perf_counter()
         raw = self.pipe.infer(batch)
         t1 = time.perf_counter()
@@ -151,12 +128,6 @@ class Engine:
         for p, d in zip(items, dets, strict=True):
             boxes, scores, labels = (_np(d.boxes).reshape(-1, 4), _np(d.scores).reshape(-1),
                                      _np(d.labels).reshape(-1).astype(np.int64))
-            if p.job.classes is not None:
-                keep = np.isin(labels, np.fromiter(p.job.classes, dtype=np.int64))
-                keep &= scores >= p.job.score_threshold
-                boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-                boxes, scores, labels = (boxes[: p.job.max_detections], scores[: p.job.max_detections],
-                                         labels[: p.job.max_detections])
             answers.append(Answer(
                 name=p.job.name, width=p.width, height=p.height, boxes=boxes, scores=scores, labels=labels,
                 decode_s=p.decode_s, preprocess_s=p.preprocess_s + (t0 - start) / len(items),
@@ -167,11 +138,9 @@ class Engine:
     def _post_options(self, job: Job) -> Any:
         from runtime import PostOptions
 
-        k = _PRE_FILTER_TOP_K if job.classes is not None else job.max_detections
-        kwargs: dict[str, Any] = {"score_threshold": job.score_threshold, "max_detections": k}
-        if "classes" in _fields(PostOptions) and job.classes is not None:
-            kwargs["classes"] = job.classes  # handle() filters again and cuts to max_detections
-        return PostOptions(**kwargs)
+        # The class filter applies before the top-k cut: max_detections counts kept classes only.
+        return PostOptions(score_threshold=job.score_threshold, max_detections=job.max_detections,
+                           classes=job.classes)
 
     def warmup(self, sizes: tuple[tuple[int, int], ...] = ((480, 640),)) -> float:
         """Run the whole path once per size (first calls allocate and tune). Returns seconds."""
@@ -179,7 +148,7 @@ class Engine:
         rng = np.random.default_rng(0)
         for h, w in sizes:
             image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-            item = self.pipe.prepare(image) if self._per_item else image
+            item = self.pipe.prepare(image)
             p = Prepared(job=Job("warmup", b"", 0.5, 10), width=w, height=h, item=item,
                          decode_s=0.0, preprocess_s=0.0)
             self.handle([p])
@@ -191,9 +160,3 @@ def _np(x: Any) -> np.ndarray:
         x = x.detach().cpu().numpy()
     return np.asarray(x)
 
-
-def _fields(cls: Any) -> set[str]:
-    fields_ = getattr(cls, "__dataclass_fields__", None)
-    if fields_ is not None:
-        return set(fields_)
-    return set(inspect.signature(cls).parameters)

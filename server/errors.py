@@ -11,7 +11,6 @@ from runtime.images import (
     CorruptImageError,
     EmptyImageError,
     ImageError,
-    ImageShapeError,
     ImageTooLargeError,
     UnsupportedImageError,
 )
@@ -34,7 +33,6 @@ _IMAGE_ERRORS: tuple[tuple[type[ImageError], int, str], ...] = (
     (UnsupportedImageError, 415, "unsupported_image"),
     (CorruptImageError, 422, "corrupt_image"),
     (ImageTooLargeError, 413, "image_too_large"),
-    (ImageShapeError, 422, "bad_image_shape"),
 )
 
 

@@ -137,7 +137,7 @@ def init_from_checkpoint(net: torch.nn.Module, path: str) -> list[str]:
     own = net.state_dict()
     fresh = [k for k, v in own.items() if k not in src_state or src_state[k].shape != v.shape]
     net.load_state_dict({k: v for k, v in src_state.items() if k in own and own[k].shape == v.shape},
-                        strict=True)
+                        strict=False)
     return fresh
 
 

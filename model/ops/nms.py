@@ -150,11 +150,24 @@ def _(boxes, scores, iou_threshold):
     return boxes.new_empty((k,), dtype=torch.int64)
 
 
+_GROUPED_ABOVE = 2000  # boxes; below it one masked pass beats a loop over groups
+
+
 @torch.library.custom_op("frcnn::batched_nms", mutates_args=())
 def _batched_nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     # Boxes of different classes never suppress each other: a class-equality mask on the
     # suppression test, exact (the coordinate-offset trick loses float precision far from 0).
-    return _nms_impl(boxes, scores, iou_threshold, idxs)
+    if boxes.shape[0] <= _GROUPED_ABOVE:
+        return _nms_impl(boxes, scores, iou_threshold, idxs)
+    # Many boxes (the RPN's images x levels, a batch's classes): the masked tiles would still
+    # compare every pair across groups, O(N^2). Per group it is O(sum n_g^2); a loop over
+    # groups, not boxes.
+    counts = torch.unique(idxs, return_counts=True)[1]
+    order = torch.argsort(idxs, stable=True)
+    kept = [part[_nms_impl(boxes[part], scores[part], iou_threshold, None)]
+            for part in torch.split(order, counts.tolist())]
+    keep = torch.cat(kept)
+    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
 
 
 @_batched_nms_op.register_fake

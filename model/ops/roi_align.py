@@ -32,8 +32,10 @@ from torch import Tensor
 
 __all__ = ["roi_align"]
 
-# Upper bound on taps (bins * taps per bin) whose indices and weights are built at once.
-_TAP_BUDGET = 1 << 21
+# Upper bound on taps (bins * taps per bin, before merging) whose indices and weights are built
+# at once: at most ~100 MB of int64 indices + weights. Large, because every chunk repeats ~100
+# small tensor ops, and on a busy machine each costs a thread-pool round trip.
+_TAP_BUDGET = 1 << 23
 
 
 def _axis_taps(start: Tensor, length: Tensor, grid: Tensor, g_max: int, n_out: Tensor, size: Tensor
