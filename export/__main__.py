@@ -64,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ImportError, FileNotFoundError, ValueError) as exc:  # missing TensorRT, paths, bad settings
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "onnx":
         from export.onnx_export import export_onnx
 

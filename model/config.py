@@ -25,6 +25,9 @@ class BackboneConfig:
     out_channels: int = 256  # FPN channels (ignored without FPN)
     # Levels returned to the heads, by stride; "pool" is P6 (stride-2 max-pool of the last FPN map).
     extra_pool: bool = True
+    # Zero feature maps outside each image and drop anchors centred in the padding, so that a
+    # batched image gets the same detections as alone (model/backbones/padding.py). Not torchvision's.
+    pad_invariant: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class TransformConfig:
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     size_divisible: int = 32
+    pad_past_edge: bool = False  # >= 1 px of padding past every image (pad-invariant models)
 
 
 @dataclass(frozen=True)
@@ -144,15 +148,16 @@ def preset(name: str, num_classes: int = 91) -> ModelConfig:
         )
     if name == "tiny":
         # A small net for tests and the demo: trains from scratch in minutes on 2 cores. BatchNorm,
-        # not GroupNorm: GN statistics span the padded batch, so detections would depend on batching.
+        # not GroupNorm (GN statistics span the padded batch), and pad-invariant: detections do not
+        # depend on what an image is batched with.
         return ModelConfig(
             num_classes=num_classes,
-            backbone=BackboneConfig(name="tiny", norm="bn", out_channels=64),
+            backbone=BackboneConfig(name="tiny", norm="bn", out_channels=64, pad_invariant=True),
             anchors=AnchorConfig(sizes=((16,), (32,), (64,), (128,), (256,))),
             rpn=RPNConfig(pre_nms_top_n_train=600, pre_nms_top_n_test=300,
                           post_nms_top_n_train=300, post_nms_top_n_test=100),
             roi_heads=RoIHeadsConfig(representation_size=256, batch_size_per_image=128),
-            transform=TransformConfig(min_size=320, max_size=512),
+            transform=TransformConfig(min_size=320, max_size=512, pad_past_edge=True),
         )
     raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
 

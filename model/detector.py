@@ -32,7 +32,7 @@ class FasterRCNN(nn.Module):
 
     def forward(self, images: torch.Tensor, image_sizes: torch.Tensor) -> RawDetections:
         """images (B, 3, H, W) preprocessed and padded; image_sizes (B, 2) int64 resized (h, w)."""
-        features = self.backbone(images)
+        features = self.backbone(images, image_sizes)
         batch_hw = (images.shape[-2], images.shape[-1])
         proposals, batch_idx = self.rpn(self._rpn_features(features), image_sizes, batch_hw)
         scores, boxes = self.roi_heads(features, proposals, batch_idx, image_sizes)
@@ -53,7 +53,7 @@ class FasterRCNN(nn.Module):
         """
         if len(targets) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(targets)} targets")
-        features = self.backbone(images)
+        features = self.backbone(images, image_sizes)
         batch_hw = (images.shape[-2], images.shape[-1])
         losses: dict[str, torch.Tensor] = {}
         stats: dict[str, list[torch.Tensor]] = {}
@@ -96,7 +96,7 @@ def build_model(cfg: ModelConfig) -> FasterRCNN:
         raise ValueError("the shared RPN head needs the same number of anchors at every level")
     head = RPNHead(in_channels=backbone.out_channels, num_anchors=per_loc.pop(),
                    objectness=cfg.rpn.objectness, conv_channels=cfg.rpn.conv_channels)
-    rpn = RPN(head=head, anchor_generator=anchors, cfg=cfg.rpn)
+    rpn = RPN(head=head, anchor_generator=anchors, cfg=cfg.rpn, drop_padding_anchors=cfg.backbone.pad_invariant)
     names = list(backbone.names) + (["pool"] if len(backbone.strides) > len(backbone.names) else [])
     pooler, positions = build_pooler(cfg.roi_heads, names, backbone.strides)
     rep = cfg.roi_heads.representation_size

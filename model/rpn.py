@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.anchors import AnchorGenerator
+from model.backbones.padding import anchors_inside
 from model.box_coder import BoxCoder
 from model.config import RPNConfig
 from model.matching import assign, sample, smooth_l1
@@ -61,9 +62,11 @@ def objectness_score(logits: torch.Tensor) -> torch.Tensor:
 
 
 class RPN(nn.Module):
-    def __init__(self, *, head: RPNHead, anchor_generator: AnchorGenerator, cfg: RPNConfig):
+    def __init__(self, *, head: RPNHead, anchor_generator: AnchorGenerator, cfg: RPNConfig,
+                 drop_padding_anchors: bool = False):
         super().__init__()
         self.head = head
+        self.drop_padding_anchors = drop_padding_anchors  # with a pad-invariant backbone
         self.anchor_generator = anchor_generator
         self.cfg = cfg
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
@@ -93,6 +96,8 @@ class RPN(nn.Module):
         """
         B = logits.shape[0]
         scores = objectness_score(logits)  # (B, N)
+        if self.drop_padding_anchors:
+            scores = scores.masked_fill(~anchors_inside(anchors, image_sizes), float("-inf"))
         top_idx, top_lvl = [], []
         start = 0
         for lvl, n in enumerate(level_sizes):
@@ -112,6 +117,8 @@ class RPN(nn.Module):
         boxes = clip_boxes(boxes, image_sizes.to(boxes.dtype)[img])
         prob = torch.sigmoid(s)
         keep = remove_small_boxes(boxes, self.cfg.min_size)
+        if self.drop_padding_anchors:  # fewer valid anchors than top-n: the -inf ones were picked
+            keep = keep[s[keep] > float("-inf")]
         if self.cfg.score_thresh > 0:
             keep = keep[prob[keep] >= self.cfg.score_thresh]
         boxes, prob, img, lvl = boxes[keep], prob[keep], img[keep], lvl[keep]

@@ -48,11 +48,14 @@ def normalize_resize(image: torch.Tensor, cfg: TransformConfig, min_size: int | 
     return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
-def pad_batch(images: list[torch.Tensor], size_divisible: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(images: list[torch.Tensor], size_divisible: int, pad_past_edge: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """[(3, h_i, w_i)] -> (B, 3, H, W) zero-padded at bottom/right with H, W multiples of size_divisible,
-    and the (B, 2) int64 sizes."""
-    H = max(im.shape[1] for im in images)
-    W = max(im.shape[2] for im in images)
+    and the (B, 2) int64 sizes. pad_past_edge: at least one padded pixel below and right of every
+    image, so that RoIAlign at an image's edge always interpolates with padding, alone or batched."""
+    extra = 1 if pad_past_edge else 0
+    H = max(im.shape[1] for im in images) + extra
+    W = max(im.shape[2] for im in images) + extra
     H = int(math.ceil(H / size_divisible) * size_divisible)
     W = int(math.ceil(W / size_divisible) * size_divisible)
     out = images[0].new_zeros((len(images), 3, H, W))
@@ -67,7 +70,7 @@ def preprocess(images: list[torch.Tensor], cfg: TransformConfig, min_size: int |
     if not images:
         raise ValueError("preprocess needs at least one image")
     resized = [normalize_resize(im, cfg, min_size) for im in images]
-    batch, sizes = pad_batch(resized, cfg.size_divisible)
+    batch, sizes = pad_batch(resized, cfg.size_divisible, cfg.pad_past_edge)
     original = torch.tensor([[im.shape[1], im.shape[2]] for im in images], dtype=torch.int64)
     return ImageBatch(batch, sizes, original)
 

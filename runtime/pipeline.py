@@ -95,13 +95,14 @@ class Pipeline:
         if isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected an (h, w, 3) uint8 RGB array, got {image.shape} {image.dtype}")
-            image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+            image = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)
         with torch.inference_mode():
             t = normalize_resize(image, self.config.transform)
         return PreparedImage(t, (t.shape[1], t.shape[2]), (image.shape[1], image.shape[2]))
 
     def collate(self, items: list[PreparedImage]) -> ImageBatch:
-        batch, sizes = pad_batch([p.tensor for p in items], self.config.transform.size_divisible)
+        t = self.config.transform
+        batch, sizes = pad_batch([p.tensor for p in items], t.size_divisible, t.pad_past_edge)
         original = torch.tensor([p.original_size for p in items], dtype=torch.int64)
         return ImageBatch(batch, sizes, original)
 

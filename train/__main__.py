@@ -2,7 +2,7 @@
 
     python -m train --data synthetic-shapes --preset tiny --out runs/shapes
     python -m train --data ../shared/data/coco128 --init checkpoints/demo-tiny-shapes --out runs/c128 \\
-        --set train.epochs=4
+        --epochs 12 --set transform.min_size=320 transform.max_size=512 train.threads=1
     python -m train --resume runs/shapes
     torchrun --nproc_per_node 2 -m train --data synthetic-shapes --preset tiny --out runs/ddp
     python -m train evaluate --annotations GT.json --detections DETS.json [--out FILE]

@@ -56,7 +56,7 @@ class LossModule(nn.Module):
         proposer = self.proposer[0]
         if proposer is not None:
             with torch.no_grad():
-                feats = proposer.backbone(images)
+                feats = proposer.backbone(images, image_sizes)
                 _, boxes, batch_idx = proposer.rpn.losses(list(feats.values()), image_sizes,
                                                           tuple(images.shape[-2:]), targets)
             proposals = (boxes, batch_idx)

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train import distributed, run_state
+from train import distributed
 from train.config import TrainConfig, apply_train_overrides, from_dict, to_dict
-from train.data import SYNTHETIC, DataSpec, build_datasets
+from train.data import SYNTHETIC, DataSpec
 
 log = logging.getLogger("train")
 
@@ -34,8 +34,8 @@ SYNTHETIC_DEFAULTS = {
     "train": [
         "batch_size=4", "lr=0.08", "epochs=16", "warmup_iters=100", "schedule=cosine",
         "clip_grad_norm=10.0", "num_workers=0", "eval_batch_size=8",
-        # One thread: on a shared 2-core machine two OpenMP threads per op wait on each other
-        # (measured 0.17 img/s with 2 threads against 3.4 img/s with 1 under load).
+        # One thread: the tiny net's small ops gain nothing from a second OpenMP thread and lose
+        # much waiting for it (measured 28-31 img/s with 1 thread, 1-2 img/s with 2).
         "threads=1",
     ],
 }
@@ -173,5 +173,3 @@ def resume(run_dir: str | Path, train_overrides: list[str] | None = None, device
         spec = dataclasses.replace(spec, device=device)
     return Trainer(spec, resume=True).fit()
 
-
-__all__ = ["RunSpec", "make_spec", "start", "resume", "build_datasets", "run_state", "DataSpec"]

@@ -80,8 +80,8 @@ def set_trainable(net: nn.Module, frozen_patterns: tuple[str, ...], *, check: bo
     if check:
         for pattern in frozen_patterns:
             if not any(name_matches(n, pattern) for n in names):
-                raise ValueError(f"freeze pattern {pattern!r} matches no parameter "
-                                 f"(top-level modules: {sorted({n.split('.')[0] for n in names})})")
+                raise ValueError(f"freeze pattern {pattern!r} matches no parameter; "
+                                 f"did you mean one of {_suggest(names, pattern)}?")
     frozen = []
     for name, p in net.named_parameters():
         freeze = name in net._frcnn_model_frozen or any(name_matches(name, pat) for pat in frozen_patterns)
@@ -89,6 +89,15 @@ def set_trainable(net: nn.Module, frozen_patterns: tuple[str, ...], *, check: bo
         if freeze:
             frozen.append(name)
     return frozen
+
+
+def _suggest(names: list[str], pattern: str) -> list[str]:
+    """Module prefixes ending in the pattern's last part ('backbone.layer1' -> 'backbone.body.layer1'),
+    else the top-level modules."""
+    last = pattern.split(".")[-1]
+    hits = sorted({".".join(n.split(".")[: i + 1]) for n in names for i, part in enumerate(n.split("."))
+                   if part == last})
+    return hits[:5] or sorted({n.split(".")[0] for n in names})
 
 
 def total_loss(losses: dict, loss_keys: tuple[str, ...]):

@@ -14,6 +14,7 @@ from torch import nn
 from model.backbones.fpn import FPN
 from model.backbones.mobilenet import MobileNetV3Body
 from model.backbones.norm import FrozenBatchNorm2d, make_norm
+from model.backbones.padding import PaddingMask
 from model.backbones.resnet import ResNetBody
 from model.backbones.tiny import TinyBody
 from model.backbones.vgg import VGG16Body
@@ -25,19 +26,26 @@ __all__ = ["Backbone", "build_backbone", "FrozenBatchNorm2d", "make_norm"]
 class Backbone(nn.Module):
     """body (+ fpn). forward: (N, 3, H, W) -> OrderedDict[name, (N, out_channels, Hl, Wl)]."""
 
-    def __init__(self, *, body: nn.Module, strides: list[int], fpn: FPN | None, out_channels: int):
+    def __init__(self, *, body: nn.Module, strides: list[int], fpn: FPN | None, out_channels: int,
+                 pad_invariant: bool = False):
         super().__init__()
         self.body = body
         self.fpn = fpn
+        self.pad_invariant = pad_invariant
         self.out_channels = out_channels
         self.names = [str(i) for i in range(len(strides))]
         self.strides = list(strides) + ([strides[-1] * 2] if fpn is not None and fpn.extra_pool else [])
 
-    def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        feats = self.body(images)
-        if self.fpn is None:
-            return OrderedDict(zip(self.names, feats))
-        return self.fpn(feats, self.names)
+    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor | None = None) -> OrderedDict[str, torch.Tensor]:
+        """image_sizes (N, 2): with pad_invariant, maps are zeroed outside each image (padding.py)."""
+        if not self.pad_invariant:
+            feats = self.body(images)
+            return OrderedDict(zip(self.names, feats)) if self.fpn is None else self.fpn(feats, self.names)
+        if image_sizes is None:
+            raise ValueError("a pad-invariant backbone needs the batch's image_sizes")
+        mask = PaddingMask(image_sizes, (images.shape[-2], images.shape[-1]))
+        feats = self.body(images, mask)
+        return OrderedDict(zip(self.names, feats)) if self.fpn is None else self.fpn(feats, self.names, mask)
 
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:
@@ -51,7 +59,11 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
         body, strides = TinyBody(norm=cfg.norm), [4, 8, 16, 32]
     else:
         raise ValueError(f"unknown backbone {cfg.name!r}")
+    if cfg.pad_invariant and cfg.name != "tiny":
+        raise ValueError("backbone.pad_invariant is implemented for the tiny backbone only")
     if not cfg.fpn:
-        return Backbone(body=body, strides=strides, fpn=None, out_channels=body.out_channels_list[-1])
+        return Backbone(body=body, strides=strides, fpn=None, out_channels=body.out_channels_list[-1],
+                        pad_invariant=cfg.pad_invariant)
     fpn = FPN(in_channels=body.out_channels_list, out_channels=cfg.out_channels, extra_pool=cfg.extra_pool)
-    return Backbone(body=body, strides=strides, fpn=fpn, out_channels=cfg.out_channels)
+    return Backbone(body=body, strides=strides, fpn=fpn, out_channels=cfg.out_channels,
+                    pad_invariant=cfg.pad_invariant)

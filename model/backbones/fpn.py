@@ -6,6 +6,7 @@ Shape shorthand: N images, C_i channels of input level i, Hi, Wi its size, D the
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +35,17 @@ class FPN(nn.Module):
                 nn.init.kaiming_uniform_(m.weight, a=1)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, feats: list[torch.Tensor], names: list[str]) -> OrderedDict[str, torch.Tensor]:
-        """feats: [(N, C_i, Hi, Wi)] finest first -> {name: (N, D, Hi, Wi)} (+ "pool")."""
-        last = self.inner_blocks[-1](feats[-1])
-        results = [self.layer_blocks[-1](last)]
+    def forward(self, feats: list[torch.Tensor], names: list[str],
+                mask: Callable[[torch.Tensor], torch.Tensor] | None = None) -> OrderedDict[str, torch.Tensor]:
+        """feats: [(N, C_i, Hi, Wi)] finest first -> {name: (N, D, Hi, Wi)} (+ "pool").
+        mask: applied to every map a conv reads or returns (see model/backbones/padding.py)."""
+        m = mask if mask is not None else (lambda t: t)
+        last = m(self.inner_blocks[-1](feats[-1]))
+        results = [m(self.layer_blocks[-1](last))]
         for i in range(len(feats) - 2, -1, -1):
             lateral = self.inner_blocks[i](feats[i])
-            last = lateral + F.interpolate(last, size=lateral.shape[-2:], mode="nearest")
-            results.insert(0, self.layer_blocks[i](last))
+            last = m(lateral + F.interpolate(last, size=lateral.shape[-2:], mode="nearest"))
+            results.insert(0, m(self.layer_blocks[i](last)))
         out = OrderedDict(zip(names, results))
         if self.extra_pool:
             out["pool"] = F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0)

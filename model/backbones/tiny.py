@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -33,10 +35,14 @@ class TinyBody(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
+    def forward(self, x: torch.Tensor, mask: Callable[[torch.Tensor], torch.Tensor] | None = None
+                ) -> list[torch.Tensor]:
+        """mask: applied after every conv block (see model/backbones/padding.py)."""
         outs = []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
+        for i, block in enumerate([*self.stem, *(b for stage in self.stages for b in stage)]):
+            x = block(x)
+            if mask is not None:
+                x = mask(x)
+            if i >= len(self.stem) and (i - len(self.stem)) % 2 == 1:  # end of a stage
+                outs.append(x)
         return outs
