@@ -43,9 +43,11 @@ class Backbone(nn.Module):
             return OrderedDict(zip(self.names, feats)) if self.fpn is None else self.fpn(feats, self.names)
         if image_sizes is None:
             raise ValueError("a pad-invariant backbone needs the batch's image_sizes")
-        mask = PaddingMask(image_sizes, (images.shape[-2], images.shape[-1]))
+        mask = PaddingMask(image_sizes)
         feats = self.body(images, mask)
-        return OrderedDict(zip(self.names, feats)) if self.fpn is None else self.fpn(feats, self.names, mask)
+        if self.fpn is None:
+            return OrderedDict(zip(self.names, feats))
+        return self.fpn(feats, self.names, mask, self.strides[: len(self.names)])
 
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:

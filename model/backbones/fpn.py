@@ -36,16 +36,20 @@ class FPN(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, feats: list[torch.Tensor], names: list[str],
-                mask: Callable[[torch.Tensor], torch.Tensor] | None = None) -> OrderedDict[str, torch.Tensor]:
+                mask: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+                strides: list[int] | None = None) -> OrderedDict[str, torch.Tensor]:
         """feats: [(N, C_i, Hi, Wi)] finest first -> {name: (N, D, Hi, Wi)} (+ "pool").
-        mask: applied to every map a conv reads or returns (see model/backbones/padding.py)."""
-        m = mask if mask is not None else (lambda t: t)
-        last = m(self.inner_blocks[-1](feats[-1]))
-        results = [m(self.layer_blocks[-1](last))]
+        mask(x, stride), with each level's stride: applied to every map a conv reads or returns
+        (see model/backbones/padding.py)."""
+        def m(t: torch.Tensor, level: int) -> torch.Tensor:
+            return t if mask is None else mask(t, strides[level])
+
+        last = m(self.inner_blocks[-1](feats[-1]), -1)
+        results = [m(self.layer_blocks[-1](last), -1)]
         for i in range(len(feats) - 2, -1, -1):
             lateral = self.inner_blocks[i](feats[i])
-            last = m(lateral + F.interpolate(last, size=lateral.shape[-2:], mode="nearest"))
-            results.insert(0, m(self.layer_blocks[i](last)))
+            last = m(lateral + F.interpolate(last, size=lateral.shape[-2:], mode="nearest"), i)
+            results.insert(0, m(self.layer_blocks[i](last), i))
         out = OrderedDict(zip(names, results))
         if self.extra_pool:
             out["pool"] = F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0)

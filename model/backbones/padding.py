@@ -13,31 +13,28 @@ import torch
 
 
 class PaddingMask:
-    """Multiplies (B, C, h, w) maps by their batch's validity mask, one mask per map size.
+    """Multiplies (B, C, h, w) maps of a given stride by their batch's validity mask.
 
-    image_sizes: (B, 2) int64 (h, w) of each image inside the padded batch of size batch_hw.
+    image_sizes: (B, 2) int64 (h, w) of each image inside the padded batch. One mask per stride
+    (a Python int, known from the architecture), computed once per forward.
     """
 
-    def __init__(self, image_sizes: torch.Tensor, batch_hw: tuple[int, int]):
+    def __init__(self, image_sizes: torch.Tensor):
         self.image_sizes = image_sizes
-        self.batch_hw = batch_hw
-        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        self._masks: dict[int, torch.Tensor] = {}
 
-    def mask(self, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
-        """(B, 1, h, w) 1 inside each image's region at this map's stride, 0 outside."""
-        key = (h, w)
-        if key not in self._masks:
-            stride_h, stride_w = self.batch_hw[0] // h, self.batch_hw[1] // w
+    def mask(self, stride: int, h: int, w: int) -> torch.Tensor:
+        """(B, 1, h, w) bool: inside each image's region, ceil(size / stride), at this stride."""
+        if stride not in self._masks:
             sizes = self.image_sizes
-            valid_h = torch.div(sizes[:, 0] + stride_h - 1, stride_h, rounding_mode="floor")  # (B,)
-            valid_w = torch.div(sizes[:, 1] + stride_w - 1, stride_w, rounding_mode="floor")
-            rows = torch.arange(h, device=sizes.device)[None, :] < valid_h[:, None]  # (B, h)
-            cols = torch.arange(w, device=sizes.device)[None, :] < valid_w[:, None]  # (B, w)
-            self._masks[key] = (rows[:, :, None] & cols[:, None, :])[:, None]
-        return self._masks[key].to(dtype)
+            valid = torch.div(sizes + stride - 1, stride, rounding_mode="floor")  # (B, 2)
+            rows = torch.arange(h, device=sizes.device)[None, :] < valid[:, 0:1]  # (B, h)
+            cols = torch.arange(w, device=sizes.device)[None, :] < valid[:, 1:2]  # (B, w)
+            self._masks[stride] = (rows[:, :, None] & cols[:, None, :])[:, None]
+        return self._masks[stride]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.mask(x.shape[-2], x.shape[-1], x.dtype)
+    def __call__(self, x: torch.Tensor, stride: int) -> torch.Tensor:
+        return x * self.mask(stride, x.shape[-2], x.shape[-1]).to(x.dtype)
 
 
 def anchors_inside(anchors: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 from model.backbones.norm import make_norm
 
 WIDTHS = (24, 48, 96, 160)
+BLOCK_STRIDES = (2, 4, 4, 4, 8, 8, 16, 16, 32, 32)  # output stride of each conv block, stem first
 
 
 def _conv(cin: int, cout: int, stride: int, norm: str) -> nn.Sequential:
@@ -35,14 +36,14 @@ class TinyBody(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: torch.Tensor, mask: Callable[[torch.Tensor], torch.Tensor] | None = None
+    def forward(self, x: torch.Tensor, mask: Callable[[torch.Tensor, int], torch.Tensor] | None = None
                 ) -> list[torch.Tensor]:
-        """mask: applied after every conv block (see model/backbones/padding.py)."""
+        """mask(x, stride): applied after every conv block (see model/backbones/padding.py)."""
         outs = []
         for i, block in enumerate([*self.stem, *(b for stage in self.stages for b in stage)]):
             x = block(x)
             if mask is not None:
-                x = mask(x)
+                x = mask(x, BLOCK_STRIDES[i])
             if i >= len(self.stem) and (i - len(self.stem)) % 2 == 1:  # end of a stage
                 outs.append(x)
         return outs

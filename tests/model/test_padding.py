@@ -12,9 +12,9 @@ from tests.model.parity import as_dict, match_rate
 
 
 def test_mask_by_hand():
-    m = PaddingMask(torch.tensor([[5, 9], [8, 8]]), (8, 16))
+    m = PaddingMask(torch.tensor([[5, 9], [8, 8]]))
     # stride 2: image 0 is 5x9 px -> ceil: 3 rows, 5 columns of an (4, 8) map
-    mask = m.mask(4, 8, torch.float32)[:, 0]
+    mask = m.mask(2, 4, 8)[:, 0]
     assert mask[0].sum() == 15 and mask[0, :3, :5].all() and mask[1, :, :4].all() and mask[1].sum() == 16
     anchors = torch.tensor([[0.0, 0.0, 8.0, 8.0], [6.0, 0.0, 14.0, 4.0]])  # centres (4, 4), (10, 2)
     assert anchors_inside(anchors, torch.tensor([[5, 11], [8, 8]])).tolist() == [[True, True], [True, False]]
