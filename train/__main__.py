@@ -31,15 +31,16 @@ def _evaluate_main(argv: list[str]) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="'synthetic-shapes' or a COCO folder (annotations/instances_<split>.json + <split>/)")
+    p.add_argument("--data", help="'synthetic-shapes', a COCO folder (annotations/instances_<split>.json + "
+                                  "<split>/), or a COCO json with --images DIR")
     p.add_argument("--train-annotations")
-    p.add_argument("--train-images")
-    p.add_argument("--val-annotations")
+    p.add_argument("--train-images", "--images", dest="train_images", help="image folder of the training json")
+    p.add_argument("--val-annotations", "--val", dest="val_annotations", help="validation COCO json")
     p.add_argument("--val-images")
     p.add_argument("--synthetic-sizes", metavar="TRAIN,VAL", help="synthetic-shapes image counts (default 512,128)")
     p.add_argument("--preset", default="resnet50_fpn", help="model preset (ignored with --init)")
-    p.add_argument("--init", help="checkpoint dir to fine-tune from; the predictor is re-initialised "
-                                  "when the class count differs")
+    p.add_argument("--init", "--checkpoint", dest="init", help="checkpoint dir to fine-tune from; the "
+                   "predictor is re-initialised when the class count differs")
     p.add_argument("--out", help="RUN_DIR")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     p.add_argument("--seed", type=int, default=0)

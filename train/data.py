@@ -54,15 +54,21 @@ def build_datasets(spec: DataSpec):
         val = SyntheticShapes(split="val", size=spec.synthetic_val_size, seed=spec.synthetic_seed)
         return train, val
     root = Path(spec.source)
-    train_paths = (
-        (Path(spec.train_annotations), Path(spec.train_images)) if spec.train_annotations and spec.train_images
-        else _find_coco_split(root, ("train2017", "train2014", "train"))
-    )
+    if root.suffix == ".json":  # --data GT.json --images DIR
+        if not spec.train_images:
+            raise ValueError(f"--data {root} is an annotation file: give its image folder with --images DIR")
+        train_paths = (root, Path(spec.train_images))
+    else:
+        train_paths = (
+            (Path(spec.train_annotations), Path(spec.train_images)) if spec.train_annotations and spec.train_images
+            else _find_coco_split(root, ("train2017", "train2014", "train"))
+        )
     if train_paths is None:
         raise FileNotFoundError(f"{root}: no annotations/instances_<train split>.json with its image folder; "
                                 "pass --train-annotations and --train-images")
+    val_images = spec.val_images or (str(train_paths[1]) if spec.val_annotations else None)
     val_paths = (
-        (Path(spec.val_annotations), Path(spec.val_images)) if spec.val_annotations and spec.val_images
+        (Path(spec.val_annotations), Path(val_images)) if spec.val_annotations and val_images
         else _find_coco_split(root, ("val2017", "val2014", "val"))
     )
     if val_paths is None:
