@@ -6,7 +6,8 @@
 2. The full R50-FPN at min/max size 600/1000, one COCO128 image per call, seconds per image, with
    the same stand-in weights (tools/parity_weights.py) in our model and, where the reference venv
    exists (`make refvenv`), in torchvision's eager model (benchmarks/_tv_model.py, a subprocess).
-Each image's time is the best of `repeats` calls after a warm-up; the table gives their mean.
+Each image's time is the best of `repeats` calls after a warm-up, ours and torchvision's calls
+interleaved; the table gives their mean.
 """
 
 from __future__ import annotations
@@ -39,31 +40,54 @@ def _images(n: int) -> list[Path]:
     return paths
 
 
-def time_ours(weights: dict[str, torch.Tensor], paths: list[Path], repeats: int, tmp: Path) -> list[float]:
-    """The serving path: checkpoint -> runtime.Pipeline (torch backend) -> predict, one image per call."""
+class TorchvisionServer:
+    """benchmarks/_tv_model.py in the reference venv: one image path in, its eager time out."""
+
+    def __init__(self, weights_file: Path, threads: int):
+        self.proc = subprocess.Popen(
+            [str(REF_PYTHON), str(ROOT / "benchmarks" / "_tv_model.py"), "--weights", str(weights_file),
+             "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        json.loads(self.proc.stdout.readline())  # {"ready": ...}
+
+    def __call__(self, path: Path) -> float:
+        self.proc.stdin.write(f"{path}\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["s"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def time_side_by_side(weights: dict[str, torch.Tensor], paths: list[Path], repeats: int, threads: int,
+                      tmp: Path) -> tuple[list[float], list[float] | None]:
+    """Per image, best of `repeats` calls of ours (the serving path: checkpoint -> runtime.Pipeline,
+    torch backend) and of torchvision eager, interleaved so machine load hits both alike."""
     cfg = torchvision_config("resnet50_fpn", 91, 600, 1000)
     save_checkpoint(tmp / "r50", load_torchvision(weights, cfg), cfg)
-    pipe = Pipeline.load(tmp / "r50", backend="torch")
+    pipe = Pipeline.load(tmp / "r50", backend="torch", intra_op_threads=threads)
+    tv = None
+    if REF_PYTHON.exists():
+        torch.save(weights, tmp / "r50.pth")
+        tv = TorchvisionServer(tmp / "r50.pth", threads)
     imgs = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    times = []
     pipe.predict([imgs[0]])  # warm-up
-    for img in imgs:
-        best = float("inf")
+    if tv is not None:
+        tv(paths[0])
+    ours_t, tv_t = [], []
+    for path, img in zip(paths, imgs):
+        best, best_tv = float("inf"), float("inf")
         for _ in range(repeats):
             t = time.perf_counter()
             pipe.predict([img])
             best = min(best, time.perf_counter() - t)
-        times.append(best)
-    return times
-
-
-def time_torchvision(weights_file: Path, paths: list[Path], repeats: int, threads: int) -> list[float] | None:
-    if not REF_PYTHON.exists():
-        return None
-    cmd = [str(REF_PYTHON), str(ROOT / "benchmarks" / "_tv_model.py"), "--weights", str(weights_file),
-           "--threads", str(threads), "--repeats", str(repeats), *map(str, paths)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(res.stdout.splitlines()[-1])["times"]
+            if tv is not None:
+                best_tv = min(best_tv, tv(path))
+        ours_t.append(best)
+        tv_t.append(best_tv)
+    if tv is not None:
+        tv.close()
+    return ours_t, (tv_t if tv is not None else None)
 
 
 def main() -> None:
@@ -91,10 +115,7 @@ def main() -> None:
     weights = parity_state_dict()
     paths = _images(args.images)
     with tempfile.TemporaryDirectory() as tmp:
-        wfile = Path(tmp) / "r50.pth"
-        torch.save(weights, wfile)
-        tv = time_torchvision(wfile, paths, args.repeats, args.threads)
-        ours = time_ours(weights, paths, args.repeats, Path(tmp))
+        ours, tv = time_side_by_side(weights, paths, args.repeats, args.threads, Path(tmp))
     mean_ours = sum(ours) / len(ours)
     print(f"\nfasterrcnn_resnet50_fpn, 600/1000, batch 1, {len(paths)} COCO128 images, {args.threads} threads")
     print(f"{'':<14}{'s/img':>8}")
