@@ -215,6 +215,7 @@ def test_compose_services_agree_with_images_and_settings(settings_cls):
 def server_commands(text: str) -> list[list[str]]:
     """`python -m server ...` invocations in a text (one per line, up to a comment or shell operator)."""
     out = []
+    text = re.sub(r"\\\n\s*", " ", text)  # join shell line continuations
     for m in re.finditer(r"python -m server\b([^\n#|&;`)]*)", text):
         out.append(shlex.split(m.group(1)))
     return out
@@ -235,7 +236,7 @@ def test_documented_export_commands_parse(doc):
         from export.__main__ import _parser
     except ImportError as e:
         pytest.skip(f"export not importable: {e}")
-    for m in re.finditer(r"python -m export (\w+[^\n#|&;`)]*)", doc.read_text()):
+    for m in re.finditer(r"python -m export (\w+[^\n#|&;`)]*)", re.sub(r"\\\n\s*", " ", doc.read_text())):
         argv = shlex.split(m.group(1))
         if argv[0] in ("onnx", "verify", "tensorrt", "triton") and len(argv) > 1:  # not a mention in prose
             _parser().parse_args(argv)

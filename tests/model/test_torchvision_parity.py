@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
+from model.ops import box_iou
 from model.transform import preprocess
 from tests.model.parity import (
     COCO128,
@@ -59,12 +60,15 @@ def test_first_stage_proposals_match_torchvision(converted):
     name = names[0]
     batch = preprocess([load_coco_image(name)], net.config.transform)
     with torch.no_grad():
-        feats = net.backbone(batch.images)
+        feats = net.backbone(batch.images, batch.image_sizes)
         boxes, _ = net.rpn(list(feats.values()), batch.image_sizes, tuple(batch.images.shape[-2:]))
     ref = g[f"{name}/proposals"]
     assert boxes.shape == ref.shape
-    # Same ranking: the top proposals agree box for box.
-    torch.testing.assert_close(boxes[:200], ref[:200], atol=1e-2, rtol=1e-4)
+    # The same set of proposals (their order among tied objectness, saturated at 1.0 by these
+    # weights, is arbitrary in both): each has a twin at IoU > 0.999, both ways.
+    iou = box_iou(boxes, ref)
+    assert (iou.max(dim=1).values > 0.999).float().mean() >= 0.99
+    assert (iou.max(dim=0).values > 0.999).float().mean() >= 0.99
 
 
 def test_batch_of_different_sizes_matches_torchvision_batch(converted):
