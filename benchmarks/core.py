@@ -13,8 +13,6 @@ interleaved; the table gives their mean.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.onnx_speed import TorchvisionServer
 from benchmarks.ops import REF_PYTHON, run_ops_bench
 from model.checkpoint import save_checkpoint
 from model.torchvision_import import load_torchvision, torchvision_config
@@ -40,25 +39,6 @@ def _images(n: int) -> list[Path]:
     return paths
 
 
-class TorchvisionServer:
-    """benchmarks/_tv_model.py in the reference venv: one image path in, its eager time out."""
-
-    def __init__(self, weights_file: Path, threads: int):
-        self.proc = subprocess.Popen(
-            [str(REF_PYTHON), str(ROOT / "benchmarks" / "_tv_model.py"), "--weights", str(weights_file),
-             "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        json.loads(self.proc.stdout.readline())  # {"ready": ...}
-
-    def __call__(self, path: Path) -> float:
-        self.proc.stdin.write(f"{path}\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())["s"]
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-
-
 def time_side_by_side(weights: dict[str, torch.Tensor], paths: list[Path], repeats: int, threads: int,
                       tmp: Path) -> tuple[list[float], list[float] | None]:
     """Per image, best of `repeats` calls of ours (the serving path: checkpoint -> runtime.Pipeline,
@@ -68,8 +48,7 @@ def time_side_by_side(weights: dict[str, torch.Tensor], paths: list[Path], repea
     pipe = Pipeline.load(tmp / "r50", backend="torch", intra_op_threads=threads)
     tv = None
     if REF_PYTHON.exists():
-        torch.save(weights, tmp / "r50.pth")
-        tv = TorchvisionServer(tmp / "r50.pth", threads)
+        tv = TorchvisionServer(weights, threads, tmp)
     imgs = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
     pipe.predict([imgs[0]])  # warm-up
     if tv is not None:

@@ -51,9 +51,9 @@ def parity_checkpoint(out: Path) -> Path:
 class TorchvisionServer:
     """torchvision eager in the reference venv, one image per request (benchmarks/_tv_model.py)."""
 
-    def __init__(self, net, threads: int, work: Path):
+    def __init__(self, state_dict: dict[str, torch.Tensor], threads: int, work: Path):
         weights = work / "tv_weights.pth"
-        torch.save(dict(net.state_dict()), weights)
+        torch.save(dict(state_dict), weights)
         cmd = [str(REFVENV_PY), str(ROOT / "benchmarks" / "_tv_model.py"), "--weights", str(weights),
                "--threads", str(threads)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dets: dict[str, dict] = {}
     variants = {}
-    tv = TorchvisionServer(net, args.threads, work) if REFVENV_PY.exists() else None
+    tv = TorchvisionServer(net.state_dict(), args.threads, work) if REFVENV_PY.exists() else None
     if tv is not None:
         variants["torchvision"] = tv
     for name, call in (("ort", OnnxRuntimeBackend(onnx_path, intra_op_threads=args.threads, inter_op_threads=1)),

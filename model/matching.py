@@ -35,10 +35,10 @@ def match(iou: torch.Tensor, *, fg_thresh: float, bg_thresh: float, bg_lo: float
         matches[best_iou < bg_lo] = BETWEEN
     if allow_low_quality:
         best_per_gt = iou.max(dim=1).values  # (G,)
-        gt_idx, pred_idx = torch.nonzero((iou == best_per_gt[:, None]) & (best_per_gt[:, None] > 0),
-                                         as_tuple=True)
+        # torchvision also matches a gt with no overlapping prediction at all (max IoU 0) to every
+        # prediction; requiring IoU > 0 keeps such a gt from turning all anchors positive.
+        pred_idx = torch.nonzero((iou == best_per_gt[:, None]) & (best_per_gt[:, None] > 0), as_tuple=True)[1]
         matches[pred_idx] = best_gt[pred_idx]
-        del gt_idx
     return matches
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from export.contract import INPUT_NAMES, GraphMetadata, check_output_names
+from runtime.backends.graph_metadata import GraphMetadataMixin
 
 _PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -54,7 +55,7 @@ _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(GraphMetadataMixin):
     """One onnxruntime InferenceSession over a frcnn .onnx graph; call it from one thread at a time
     for predictable latency (onnxruntime itself is thread-safe)."""
 
@@ -91,24 +92,6 @@ class OnnxRuntimeBackend:
         got_inputs = tuple(i.name for i in self.session.get_inputs())
         if got_inputs != INPUT_NAMES:
             raise ValueError(f"graph inputs {got_inputs} != contract {INPUT_NAMES}")
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.metadata.class_names
-
-    @property
-    def input_settings(self) -> dict:
-        return self.metadata.input_settings
-
-    @property
-    def config(self):
-        """The checkpoint's ModelConfig, stored in the graph metadata (transform and postprocess
-        settings for the shared pipeline)."""
-        from model.config import ModelConfig
-
-        if self.metadata.config is None:
-            raise ValueError(f"{self.path}: graph metadata has no model config")
-        return ModelConfig.from_dict(self.metadata.config)
 
     def run(self, images: Tensor, image_sizes: Tensor) -> list[np.ndarray]:
         """The graph's outputs as numpy arrays, in contract order."""

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from export.contract import INPUT_NAMES, check_output_names
 from export.tensorrt import import_tensorrt, read_sidecar
+from runtime.backends.graph_metadata import GraphMetadataMixin
 
 trt = import_tensorrt()
 
@@ -60,7 +61,7 @@ class _OutputAllocator(trt.IOutputAllocator):
         return self.buffer[: n * itemsize].view(self.dtype).reshape(self.shape)
 
 
-class TensorRTBackend:
+class TensorRTBackend(GraphMetadataMixin):
     name = "tensorrt"
 
     def __init__(self, path: str | Path, *, device: int = 0):
@@ -89,24 +90,6 @@ class TensorRTBackend:
             self.allocators[n] = alloc
         self.input_dtypes = {n: _TORCH_DTYPES[self.engine.get_tensor_dtype(n)] for n in INPUT_NAMES}
         self.stream = torch.cuda.Stream(device=self.device)
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.metadata.class_names
-
-    @property
-    def input_settings(self) -> dict:
-        return self.metadata.input_settings
-
-    @property
-    def config(self):
-        """The checkpoint's ModelConfig, stored in the graph metadata (transform and postprocess
-        settings for the shared pipeline)."""
-        from model.config import ModelConfig
-
-        if self.metadata.config is None:
-            raise ValueError(f"{self.path}: graph metadata has no model config")
-        return ModelConfig.from_dict(self.metadata.config)
 
     def run(self, images: Tensor, image_sizes: Tensor) -> list[Tensor]:
         """The engine's outputs as CPU tensors, in contract order."""
