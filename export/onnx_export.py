@@ -19,9 +19,9 @@ from typing import Any
 import onnx
 import torch
 
-from export import contract
 from export.lowering import translation_table
 from export.wrappers import NmsGraph, RawGraph
+from runtime import contract
 
 log = logging.getLogger(__name__)
 

@@ -21,26 +21,12 @@ from pathlib import Path
 
 import onnx
 
-from export.contract import GraphMetadata
 from export.tensorrt_ops import tensorrt_problems
+from runtime.backends.tensorrt_io import import_tensorrt, sidecar_path
+from runtime.contract import GraphMetadata
 
 log = logging.getLogger(__name__)
 
-SIDECAR_SUFFIX = ".json"
-
-
-def import_tensorrt():
-    """`import tensorrt`, with what to do when it is missing."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise ImportError(
-            "TensorRT is not installed: the TensorRT builder and backend need a CUDA GPU and "
-            "`pip install tensorrt` (TensorRT 10). The .onnx runs anywhere with onnxruntime."
-        ) from e
-    if int(trt.__version__.split(".")[0]) < 10:
-        raise ImportError(f"TensorRT {trt.__version__} found; this code targets the TensorRT 10 API")
-    return trt
 
 
 @dataclass
@@ -55,10 +41,6 @@ class BuildOptions:
     opt_shape: tuple[int, int, int] = (4, 608, 1024)
     max_shape: tuple[int, int, int] = (8, 1024, 1024)
     workspace_gb: float = 4.0
-
-
-def sidecar_path(engine_path: str | Path) -> Path:
-    return Path(engine_path).with_suffix(SIDECAR_SUFFIX)
 
 
 def _parse(trt, network, logger, onnx_path: Path):
@@ -130,12 +112,3 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: BuildOpti
     log.info("wrote %s (%.1f MB) and %s", engine_path, engine_path.stat().st_size / 2**20,
              sidecar_path(engine_path).name)
     return engine_path
-
-
-def read_sidecar(engine_path: str | Path) -> tuple[GraphMetadata, dict]:
-    """(graph metadata, the whole sidecar dict) of an engine built by build_engine."""
-    path = sidecar_path(engine_path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: the engine's sidecar (written by `python -m export tensorrt`) is missing")
-    data = json.loads(path.read_text())
-    return GraphMetadata.from_props(data["metadata"]), data

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from export.tensorrt import import_tensorrt
+from runtime.backends.tensorrt_io import import_tensorrt
 
 log = logging.getLogger(__name__)
 

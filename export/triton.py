@@ -25,14 +25,14 @@ from pathlib import Path
 
 import onnx
 
-from export.contract import INPUTS, GraphMetadata, TensorSpec, output_specs
+from runtime.contract import INPUTS, GraphMetadata, TensorSpec, output_specs
 
 _TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64", "int32": "TYPE_INT32", "float16": "TYPE_FP16"}
 
 
 def _read_metadata(model_path: Path) -> GraphMetadata:
     if model_path.suffix == ".engine":
-        from export.tensorrt import read_sidecar
+        from runtime.backends.tensorrt_io import read_sidecar
 
         return read_sidecar(model_path)[0]
     model = onnx.load(str(model_path), load_external_data=False)

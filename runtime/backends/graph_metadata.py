@@ -6,7 +6,7 @@ from model.config import ModelConfig
 
 
 class GraphMetadataMixin:
-    """class_names, input_settings and config from ``self.metadata`` (export.contract.GraphMetadata)
+    """class_names, input_settings and config from ``self.metadata`` (runtime.contract.GraphMetadata)
     and ``self.path``, for backends that run an exported graph."""
 
     @property

@@ -1,4 +1,4 @@
-"""onnxruntime backend: runs an exported .onnx graph (export/contract.py) behind the Backend protocol.
+"""onnxruntime backend: runs an exported .onnx graph (runtime/contract.py) behind the Backend protocol.
 
     backend = OnnxRuntimeBackend("model.onnx", intra_op_threads=2)
     raw = backend(images: Tensor[B, 3, H, W] float32, image_sizes: Tensor[B, 2] int64) -> RawDetections
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from export.contract import INPUT_NAMES, GraphMetadata, check_output_names
 from runtime.backends.graph_metadata import GraphMetadataMixin
+from runtime.contract import INPUT_NAMES, GraphMetadata, check_output_names
 
 _PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from export.contract import INPUT_NAMES, check_output_names
-from export.tensorrt import import_tensorrt, read_sidecar
 from runtime.backends.graph_metadata import GraphMetadataMixin
+from runtime.backends.tensorrt_io import import_tensorrt, read_sidecar
+from runtime.contract import INPUT_NAMES, check_output_names
 
 trt = import_tensorrt()
 

@@ -7,11 +7,11 @@ import onnx
 import pytest
 import torch
 
-from export import contract
 from export.tensorrt_ops import tensorrt_problems
 from export.verify import compare_backends, synthetic_images
 from model.postprocess import postprocess
 from model.transform import preprocess
+from runtime import contract
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
 pytest.importorskip("onnxruntime")

@@ -7,8 +7,9 @@ import importlib.util
 import pytest
 import torch
 
-from export.tensorrt import BuildOptions, import_tensorrt
+from export.tensorrt import BuildOptions
 from export.triton import write_model_repository
+from runtime.backends.tensorrt_io import import_tensorrt
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 needs_trt = pytest.mark.skipif(not (HAS_TRT and torch.cuda.is_available()),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import build_model, preset, preprocess
+from model import build_model, preprocess, preset
 from model.backbones.padding import PaddingMask, anchors_inside
 from model.postprocess import postprocess
 from tests.model.parity import as_dict, match_rate

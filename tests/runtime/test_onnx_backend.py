@@ -1,4 +1,4 @@
-"""OnnxRuntimeBackend on small hand-built graphs that follow export/contract.py (no model export)."""
+"""OnnxRuntimeBackend on small hand-built graphs that follow runtime/contract.py (no model export)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from export.contract import GraphMetadata
 from model.postprocess import postprocess
+from runtime.contract import GraphMetadata
 
 pytest.importorskip("onnxruntime")
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, nms_outputs_to_raw  # noqa: E402
