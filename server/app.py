@@ -18,11 +18,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader
 
-from runtime.images import ImageError
-from server.batcher import MicroBatcher, Overloaded
+from server.batcher import MicroBatcher
 from server.engine import Answer, Engine, Job
-from server.errors import ApiError, image_error, install_handlers
+from server.errors import ApiError, install_handlers
 from server.inputs import parse
+from server.jobs import engine_of as jobs_engine_of
+from server.jobs import make_jobs, run_jobs
 from server.metrics import Metrics
 from server.model_source import load_pipeline
 from server.schemas import (
@@ -121,54 +122,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            headers={"WWW-Authenticate": "X-API-Key"})
 
     def engine_of(request: Request) -> Engine:
-        engine = request.app.state.engine
-        if engine is None or request.app.state.draining:
-            raise ApiError(503, "not_ready", "model not loaded or server stopping", headers={"Retry-After": "1"})
-        return engine
+        return jobs_engine_of(request.app.state)
 
     @app.post("/detect", response_model=DetectResponse, responses=_ERRORS, openapi_extra=_DETECT_BODY,
               dependencies=[Depends(require_key)], summary="Detect objects in one or more images")
     async def detect(request: Request) -> DetectResponse:
         t_start = time.perf_counter()
         engine = engine_of(request)
-        batcher: MicroBatcher = request.app.state.batcher
         inp = await parse(request, max_upload_bytes=settings.max_upload_bytes,
                           max_images=settings.max_images_per_request)
-        try:
-            classes = engine.class_ids(inp.classes) if inp.classes else None
-        except KeyError as e:
-            raise ApiError(422, "unknown_class", str(e.args[0])) from None
-        score = settings.score_threshold if inp.score_threshold is None else inp.score_threshold
-        top_k = settings.max_detections if inp.max_detections is None else inp.max_detections
-        jobs = [Job(name, data, score, top_k, classes) for name, data in inp.images]
-        if batcher.queue_size - batcher.depth < len(jobs):
-            metrics.rejected.inc(len(jobs))
-            raise ApiError(503, "overloaded", "queue full, retry later", headers={"Retry-After": "1"})
-        futures = []
-        try:
-            for job in jobs:
-                futures.append(batcher.submit_nowait(job))
-        except Overloaded as e:
-            for f in futures:
-                f.cancel()
-            metrics.rejected.inc(len(jobs))
-            raise ApiError(503, "overloaded", str(e), headers={"Retry-After": "1"}) from None
-        try:
-            answers = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True),
-                                             settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            metrics.images.labels("timeout").inc(len(jobs))
-            raise ApiError(504, "timeout", f"no answer within {settings.request_timeout_s}s") from None
-        for job, answer in zip(jobs, answers, strict=True):
-            if isinstance(answer, BaseException):
-                metrics.images.labels("error").inc()
-                if isinstance(answer, ImageError):
-                    raise image_error(answer, job.name)
-                if isinstance(answer, Overloaded):
-                    raise ApiError(503, "overloaded", str(answer), headers={"Retry-After": "1"})
-                log.error("inference failed for %s", job.name, exc_info=answer)
-                raise ApiError(500, "inference_error", f"{job.name}: inference failed", image=job.name)
-        metrics.images.labels("ok").inc(len(jobs))
+        jobs = make_jobs(engine, settings, inp.images, score_threshold=inp.score_threshold,
+                         max_detections=inp.max_detections, classes=inp.classes)
+        answers = await run_jobs(request.app.state, jobs)
         return _response(engine, answers, t_start)
 
     @app.get("/health", response_model=Health, summary="Liveness: the process answers")
