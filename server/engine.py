@@ -89,7 +89,9 @@ class Engine:
         index = {n: i for i, n in enumerate(names)}
         ids = set()
         for w in wanted:
-            if isinstance(w, int) or (isinstance(w, str) and w.strip().isdigit()):
+            # ASCII digits only: "²".isdigit() is true but int("²") raises; 9 digits bound int()'s cost
+            digits = w.strip() if isinstance(w, str) else ""
+            if isinstance(w, int) or (digits.isascii() and digits.isdigit() and len(digits) <= 9):
                 i = int(w)
                 if not 1 <= i < len(names):
                     raise KeyError(f"class id {i} out of range 1..{len(names) - 1}")
