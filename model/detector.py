@@ -2,7 +2,8 @@
 
 Shape shorthand: B images, H, W the padded batch, R RoIs over the batch, C classes (0 = background).
 ``forward`` is inference on a preprocessed batch and returns raw per-RoI outputs; detections come
-from ``model.postprocess``. Training losses come from the explicit ``losses`` call.
+from ``model.postprocess``. Training losses come from explicit calls with targets: ``losses``
+(end to end), ``rpn_losses`` and ``roi_losses`` (one part each, 4-step training).
 """
 
 from __future__ import annotations
@@ -38,37 +39,66 @@ class FasterRCNN(nn.Module):
         scores, boxes = self.roi_heads(features, proposals, batch_idx, image_sizes)
         return RawDetections(batch_idx, scores, boxes)
 
-    def losses(self, images: torch.Tensor, image_sizes: torch.Tensor, targets: list[dict[str, torch.Tensor]], *,
-               roi_fg_iou_thresh: float | None = None, roi_box_beta: float | None = None,
-               parts: tuple[str, ...] = ("rpn", "roi"),
-               proposals: tuple[torch.Tensor, torch.Tensor] | None = None
-               ) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
-        """Training losses.
+    @torch.no_grad()
+    def proposals(self, images: torch.Tensor, image_sizes: torch.Tensor, *, pre_nms_top_n: int | None = None,
+                  post_nms_top_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RPN's proposals as forward makes them (test counts unless given): no targets, so no
+        matching, no sampling, no random numbers. Step 2 of 4-step training proposes with this.
 
-        targets: per image {"boxes": (G, 4) xyxy in resized-image pixels, "labels": (G,) int64 >= 1}.
-        parts: which losses to compute ("rpn", "roi"); alternating training trains one at a time.
-        proposals: (boxes (P, 4), batch_idx (P,)) to train the RoI heads on instead of this RPN's
-        (step 2 of 4-step training uses the step-1 RPN's proposals).
-        Returns (losses, stats); stats feed Dynamic R-CNN (see RoIHeads.losses).
+        Returns (boxes Tensor[P, 4] xyxy resized-image pixels, batch_idx Tensor[P] int64).
         """
+        features = self.backbone(images, image_sizes)
+        return self.rpn(self._rpn_features(features), image_sizes, (images.shape[-2], images.shape[-1]),
+                        pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n)
+
+    # Training losses. targets: per image {"boxes": (G, 4) xyxy in resized-image pixels,
+    # "labels": (G,) int64 >= 1}. roi_fg_iou_thresh / roi_box_beta override the RoI heads' config
+    # (Dynamic R-CNN); stats feed Dynamic R-CNN (see RoIHeads.losses).
+
+    def losses(self, images: torch.Tensor, image_sizes: torch.Tensor, targets: list[dict[str, torch.Tensor]], *,
+               roi_fg_iou_thresh: float | None = None, roi_box_beta: float | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+        """End-to-end training (approximate joint): one backbone pass, the RPN losses, and the RoI
+        losses on this RPN's detached proposals (train counts). Returns (four losses, stats)."""
+        features = self._train_features(images, image_sizes, targets)
+        rpn_losses, (boxes, batch_idx) = self.rpn.losses_and_proposals(
+            self._rpn_features(features), image_sizes, (images.shape[-2], images.shape[-1]), targets)
+        roi_losses, stats = self.roi_heads.losses(features, boxes, batch_idx, targets,
+                                                  fg_iou_thresh=roi_fg_iou_thresh, box_beta=roi_box_beta)
+        return {**rpn_losses, **roi_losses}, stats
+
+    def rpn_losses(self, images: torch.Tensor, image_sizes: torch.Tensor, targets: list[dict[str, torch.Tensor]]
+                   ) -> dict[str, torch.Tensor]:
+        """The RPN's losses alone {loss_objectness, loss_rpn_box_reg} (4-step training, steps 1 and 3)."""
+        features = self._train_features(images, image_sizes, targets)
+        return self.rpn.losses(self._rpn_features(features), image_sizes, (images.shape[-2], images.shape[-1]),
+                               targets)
+
+    def roi_losses(self, images: torch.Tensor, image_sizes: torch.Tensor, targets: list[dict[str, torch.Tensor]], *,
+                   proposals: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   roi_fg_iou_thresh: float | None = None, roi_box_beta: float | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+        """The RoI heads' losses alone {loss_classifier, loss_box_reg} (4-step training, steps 2 and 4).
+
+        proposals: (boxes (P, 4), batch_idx (P,)) to train on, e.g. another network's
+        (`proposals(...)`); None: this network's RPN proposals (train counts) from the same backbone
+        pass, without the RPN's loss machinery.
+        """
+        features = self._train_features(images, image_sizes, targets)
+        if proposals is None:
+            with torch.no_grad():
+                proposals = self.rpn(self._rpn_features(features), image_sizes, (images.shape[-2], images.shape[-1]),
+                                     pre_nms_top_n=self.rpn.cfg.pre_nms_top_n_train,
+                                     post_nms_top_n=self.rpn.cfg.post_nms_top_n_train)
+        boxes, batch_idx = proposals
+        return self.roi_heads.losses(features, boxes.detach(), batch_idx, targets,
+                                     fg_iou_thresh=roi_fg_iou_thresh, box_beta=roi_box_beta)
+
+    def _train_features(self, images: torch.Tensor, image_sizes: torch.Tensor,
+                        targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         if len(targets) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(targets)} targets")
-        features = self.backbone(images, image_sizes)
-        batch_hw = (images.shape[-2], images.shape[-1])
-        losses: dict[str, torch.Tensor] = {}
-        stats: dict[str, list[torch.Tensor]] = {}
-        if "rpn" in parts or proposals is None:
-            rpn_losses, boxes, batch_idx = self.rpn.losses(self._rpn_features(features), image_sizes, batch_hw,
-                                                           targets)
-            if "rpn" in parts:
-                losses.update(rpn_losses)
-        if proposals is not None:
-            boxes, batch_idx = proposals
-        if "roi" in parts:
-            roi_losses, stats = self.roi_heads.losses(features, boxes.detach(), batch_idx, targets,
-                                                      fg_iou_thresh=roi_fg_iou_thresh, box_beta=roi_box_beta)
-            losses.update(roi_losses)
-        return losses, stats
+        return self.backbone(images, image_sizes)
 
     @torch.no_grad()
     def predict(self, images: list[torch.Tensor], *, score_thresh: float | None = None,
