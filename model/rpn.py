@@ -71,15 +71,21 @@ class RPN(nn.Module):
         self.cfg = cfg
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
 
-    def forward(self, features: list[torch.Tensor], image_sizes: torch.Tensor, batch_hw: tuple[int, int]
+    def forward(self, features: list[torch.Tensor], image_sizes: torch.Tensor, batch_hw: tuple[int, int], *,
+                pre_nms_top_n: int | None = None, post_nms_top_n: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inference proposals. Returns (boxes Tensor[P, 4], batch_idx Tensor[P] int64), grouped by
-        nothing in particular: each image's proposals in decreasing objectness."""
+        """Proposals: no targets, so no matching, no sampling, no random numbers.
+
+        pre_nms_top_n / post_nms_top_n default to the test counts (inference); training passes the
+        train counts. Returns (boxes Tensor[P, 4], batch_idx Tensor[P] int64): each image's proposals
+        in decreasing objectness.
+        """
         logits, deltas = self.head(features)
         anchors, level_sizes = self._anchors(features, batch_hw)
-        return self.select_proposals(logits.detach(), deltas.detach(), anchors, level_sizes, image_sizes,
-                                     pre_nms_top_n=self.cfg.pre_nms_top_n_test,
-                                     post_nms_top_n=self.cfg.post_nms_top_n_test)
+        return self.select_proposals(
+            logits.detach(), deltas.detach(), anchors, level_sizes, image_sizes,
+            pre_nms_top_n=self.cfg.pre_nms_top_n_test if pre_nms_top_n is None else pre_nms_top_n,
+            post_nms_top_n=self.cfg.post_nms_top_n_test if post_nms_top_n is None else post_nms_top_n)
 
     def _anchors(self, features: list[torch.Tensor], batch_hw: tuple[int, int]) -> tuple[torch.Tensor, list[int]]:
         per_level = self.anchor_generator(batch_hw, [tuple(f.shape[-2:]) for f in features],
@@ -127,14 +133,32 @@ class RPN(nn.Module):
         return boxes[keep], img[keep]
 
     def losses(self, features: list[torch.Tensor], image_sizes: torch.Tensor, batch_hw: tuple[int, int],
-               targets: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Training: losses plus detached proposals (train counts) for the RoI heads.
+               targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Training losses {loss_objectness, loss_rpn_box_reg} (the RPN alone: alternating steps 1, 3)."""
+        logits, deltas = self.head(features)
+        anchors, _ = self._anchors(features, batch_hw)
+        return self._losses(logits, deltas, anchors, image_sizes, targets)
 
-        Returns ({loss_objectness, loss_rpn_box_reg}, proposals (P, 4), batch_idx (P,)).
-        """
-        cfg = self.cfg
+    def losses_and_proposals(self, features: list[torch.Tensor], image_sizes: torch.Tensor,
+                             batch_hw: tuple[int, int], targets: list[dict[str, torch.Tensor]]
+                             ) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """End-to-end training: one head evaluation gives the losses and the detached proposals
+        (train counts) the RoI heads train on. Returns (losses, (boxes (P, 4), batch_idx (P,)))."""
         logits, deltas = self.head(features)
         anchors, level_sizes = self._anchors(features, batch_hw)
+        losses = self._losses(logits, deltas, anchors, image_sizes, targets)
+        proposals = self.select_proposals(logits.detach(), deltas.detach(), anchors, level_sizes, image_sizes,
+                                          pre_nms_top_n=self.cfg.pre_nms_top_n_train,
+                                          post_nms_top_n=self.cfg.post_nms_top_n_train)
+        return losses, proposals
+
+    def _losses(self, logits: torch.Tensor, deltas: torch.Tensor, anchors: torch.Tensor, image_sizes: torch.Tensor,
+                targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Match anchors to gt, sample a balanced minibatch per image (random), objectness + box losses.
+
+        logits (B, N, k), deltas (B, N, 4), anchors (N, 4).
+        """
+        cfg = self.cfg
         labels, gt_boxes = [], []
         for i, t in enumerate(targets):
             lab, matched, _ = assign(anchors, t["boxes"], torch.ones_like(t["labels"]), fg_thresh=cfg.fg_iou_thresh,
@@ -161,12 +185,8 @@ class RPN(nn.Module):
             loss_obj = F.cross_entropy(flat_logits[sampled], target)
         reg_t = self.box_coder.encode(anchors.repeat(len(targets), 1)[pos], torch.cat(gt_boxes)[pos])
         loss_box = smooth_l1(deltas.reshape(-1, 4)[pos], reg_t, cfg.box_beta) / max(1, sampled.numel())
-        boxes, batch_idx = self.select_proposals(logits.detach(), deltas.detach(), anchors, level_sizes, image_sizes,
-                                                 pre_nms_top_n=cfg.pre_nms_top_n_train,
-                                                 post_nms_top_n=cfg.post_nms_top_n_train)
-        losses = {"loss_objectness": loss_obj * cfg.loss_weight_objectness,
-                  "loss_rpn_box_reg": loss_box * cfg.loss_weight_box}
-        return losses, boxes, batch_idx
+        return {"loss_objectness": loss_obj * cfg.loss_weight_objectness,
+                "loss_rpn_box_reg": loss_box * cfg.loss_weight_box}
 
 
 def rank_within_group(group: torch.Tensor, num_groups: int) -> torch.Tensor:

@@ -1,5 +1,9 @@
 """The training loop: stages of a scheme, epochs, iterations; validation, checkpoints, metrics.
 
+`start(spec)` begins a run in spec.out; `resume(run_dir)` rebuilds the same run from
+run_dir/config.json and its last checkpoint, then continues where it stopped. (train.run describes
+a run and builds its parts; it never imports this module.)
+
 Position of a run: (stage, epoch within the stage, batches done in that epoch) plus the global
 iteration count. Everything random is a function of the seed and that position (batch order,
 flips, scale jitter) or lives in the saved RNG state (the model's target sampling), so a run
@@ -32,6 +36,7 @@ from train.run import (
     default_weight_decay,
     init_from_checkpoint,
     pick_device,
+    recorded_spec,
     seed_everything,
     setup_logging,
 )
@@ -40,28 +45,20 @@ log = logging.getLogger("train")
 
 
 class LossModule(nn.Module):
-    """forward = net.losses, so DDP sees a forward call and syncs the gradients of backward.
+    """forward = the stage's losses, so DDP sees a forward call and syncs the gradients of backward.
 
-    With a `proposer` (a frozen copy of the network), the RoI head trains on its proposals.
+    With a `proposer` (the previous step's network, frozen), the RoI head trains on its proposals.
     """
 
-    def __init__(self, net: nn.Module, parts: tuple[str, ...], proposer: nn.Module | None = None):
+    def __init__(self, net: nn.Module, stage: schemes.Stage, proposer: nn.Module | None = None):
         super().__init__()
         self.net = net
-        self.parts = parts
+        self.stage = stage
         self.proposer = [proposer]  # a list: not a submodule, so DDP neither syncs nor broadcasts it
 
     def forward(self, images, image_sizes, targets, fg_iou_thresh, box_beta):
-        proposals = None
-        proposer = self.proposer[0]
-        if proposer is not None:
-            with torch.no_grad():
-                feats = proposer.backbone(images, image_sizes)
-                _, boxes, batch_idx = proposer.rpn.losses(list(feats.values()), image_sizes,
-                                                          tuple(images.shape[-2:]), targets)
-            proposals = (boxes, batch_idx)
-        return self.net.losses(images, image_sizes, targets, roi_fg_iou_thresh=fg_iou_thresh,
-                               roi_box_beta=box_beta, parts=self.parts, proposals=proposals)
+        return schemes.stage_losses(self.stage, self.net, images, image_sizes, targets, proposer=self.proposer[0],
+                                    roi_fg_iou_thresh=fg_iou_thresh, roi_box_beta=box_beta)
 
 
 @dataclass
@@ -104,9 +101,10 @@ class Trainer:
         else:
             self.cfg = build_model_config(spec, len(self.class_names))
             self.net = build_model(self.cfg)
-            if spec.init:
-                fresh = init_from_checkpoint(self.net, spec.init)
-                log.info("initialised from %s; freshly initialised: %s", spec.init, ", ".join(fresh) or "nothing")
+            if spec.checkpoint:
+                fresh = init_from_checkpoint(self.net, spec.checkpoint)
+                log.info("initialised from %s; freshly initialised: %s", spec.checkpoint,
+                         ", ".join(fresh) or "nothing")
             if self.rank == 0:
                 run_state.write_config(self.run_dir, {"run": spec.to_dict(), "model": self.cfg.to_dict(),
                                                       "class_names": self.class_names, "world_size": self.world,
@@ -146,7 +144,7 @@ class Trainer:
             if self.saved.get("scaler"):
                 self.scaler.load_state_dict(self.saved["scaler"])
         proposer = None
-        if stage.fixed_proposals:
+        if stage.proposals_from_previous_step:
             # The previous step's network, as saved when that step ended (so a resumed run
             # proposes with the same weights); a copy of the current one when there is none.
             prev = self.run_dir / f"stage-{self.stages[stage_idx - 1].name}" if stage_idx > 0 else None
@@ -157,7 +155,7 @@ class Trainer:
             else:
                 proposer = copy.deepcopy(self.net)
             proposer.requires_grad_(False).eval()
-        step_module: nn.Module = LossModule(self.net, stage.parts, proposer)
+        step_module: nn.Module = LossModule(self.net, stage, proposer)
         if self.world > 1:
             step_module = nn.parallel.DistributedDataParallel(
                 step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -177,7 +175,7 @@ class Trainer:
         with autocast:
             losses, stats = step_module(batch.images.to(self.device), batch.image_sizes.to(self.device),
                                         tgts, fg, beta)
-        loss = schemes.total_loss(losses, stage.loss_keys)
+        loss = sum(losses.values())  # only the terms this stage trains
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at iteration {self.state['iteration']}: "
                                      + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()))
@@ -237,8 +235,7 @@ class Trainer:
             from train.evaluate import evaluate_model
 
             t0 = time.perf_counter()
-            entry.update(evaluate_model(self.net, self.cfg, self.val_ds, batch_size=self.tcfg.eval_batch_size,
-                                        device=self.device))
+            entry.update(evaluate_model(self.net, self.cfg, self.val_ds, batch_size=self.tcfg.eval_batch_size))
             entry["eval_seconds"] = round(time.perf_counter() - t0, 2)
             metric = entry.get(self.tcfg.best_metric, -math.inf)
             improved = metric > st["best"]
@@ -326,3 +323,15 @@ class Trainer:
         return TrainResult(self.run_dir, self.metrics, self.iteration_losses)
 
 
+def start(spec: RunSpec) -> TrainResult:
+    """Begin the run `spec` describes, in spec.out."""
+    return Trainer(spec, resume=False).fit()
+
+
+def resume(run_dir: str | Path, train_overrides: list[str] | None = None, device: str | None = None) -> TrainResult:
+    """Continue a run from run_dir/last with the configuration recorded in run_dir/config.json.
+
+    train_overrides may change what does not alter the maths (max_iters, checkpoint_every,
+    num_workers, eval_every, threads ...); they are applied on top of the recorded train config.
+    """
+    return Trainer(recorded_spec(run_dir, train_overrides, device), resume=True).fit()

@@ -1,7 +1,6 @@
 """A training run: its specification (what config.json records) and how its parts are built.
 
-`start(spec)` begins a run in spec.out; `resume(run_dir)` rebuilds the same run from
-run_dir/config.json and its last checkpoint, then continues where it stopped.
+train.loop runs it (`start`, `resume`); this module never imports train.loop, so the two form no circle.
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ class RunSpec:
     seed: int = 0
     model_overrides: tuple[str, ...] = ()
     train: TrainConfig = field(default_factory=TrainConfig)
-    init: str | None = None  # checkpoint to fine-tune from (the predictor is re-initialised if C differs)
+    checkpoint: str | None = None  # what training starts from (the predictor is re-initialised if C differs)
     device: str = "auto"
 
     def to_dict(self) -> dict:
@@ -61,11 +60,12 @@ class RunSpec:
     def from_dict(cls, d: dict) -> RunSpec:
         return cls(data=DataSpec(**d["data"]), out=d["out"], preset=d["preset"], seed=d["seed"],
                    model_overrides=tuple(d["model_overrides"]), train=from_dict(d["train"]),
-                   init=d.get("init"), device=d.get("device", "auto"))
+                   checkpoint=d.get("checkpoint", d.get("init")),  # "init": runs recorded before the rename
+                   device=d.get("device", "auto"))
 
 
 def make_spec(*, data: DataSpec, out: str, preset: str, seed: int, overrides: list[str],
-              init: str | None = None, device: str = "auto", train_kwargs: dict | None = None) -> RunSpec:
+              checkpoint: str | None = None, device: str = "auto", train_kwargs: dict | None = None) -> RunSpec:
     """Resolve defaults: synthetic-shapes defaults, then CLI shortcuts, then `--set` overrides."""
     from train.config import split_overrides
 
@@ -76,7 +76,7 @@ def make_spec(*, data: DataSpec, out: str, preset: str, seed: int, overrides: li
         tcfg = apply_train_overrides(tcfg, SYNTHETIC_DEFAULTS["train"])
     tcfg = apply_train_overrides(dataclasses.replace(tcfg, **(train_kwargs or {})), train_over)
     return RunSpec(data=data, out=out, preset=preset, seed=seed, model_overrides=tuple(model_over),
-                   train=tcfg, init=init, device=device)
+                   train=tcfg, checkpoint=checkpoint, device=device)
 
 
 def pick_device(name: str) -> torch.device:
@@ -113,14 +113,14 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
 
 
 def build_model_config(spec: RunSpec, num_classes: int):
-    """The architecture: from --init's checkpoint when given (with this dataset's class count),
+    """The architecture: from --checkpoint's config when given (with this dataset's class count),
     else from the preset; then the model overrides."""
     from model.config import apply_overrides, preset
 
-    if spec.init:
+    if spec.checkpoint:
         from model.checkpoint import load_checkpoint
 
-        _, meta = load_checkpoint(spec.init)
+        _, meta = load_checkpoint(spec.checkpoint)
         cfg = dataclasses.replace(meta.config, num_classes=num_classes)
     else:
         cfg = preset(spec.preset, num_classes=num_classes)
@@ -148,28 +148,15 @@ def default_weight_decay(cfg, tcfg: TrainConfig) -> float:
     return 5e-4 if cfg.backbone.name == "vgg16" else 1e-4
 
 
-def start(spec: RunSpec):
-    from train.loop import Trainer
-
-    return Trainer(spec, resume=False).fit()
-
-
-def resume(run_dir: str | Path, train_overrides: list[str] | None = None, device: str | None = None):
-    """Continue a run from run_dir/last with the configuration recorded in run_dir/config.json.
-
-    train_overrides may change what does not alter the maths (max_iters, checkpoint_every,
-    num_workers, eval_every ...); they are applied on top of the recorded train config.
-    """
+def recorded_spec(run_dir: str | Path, train_overrides: list[str] | None = None,
+                  device: str | None = None) -> RunSpec:
+    """The spec run_dir/config.json records, in run_dir, with train overrides and device on top."""
     import json
 
-    from train.loop import Trainer
-
     recorded = json.loads((Path(run_dir) / "config.json").read_text())
-    spec = RunSpec.from_dict(recorded["run"])
-    spec = dataclasses.replace(spec, out=str(run_dir))
+    spec = dataclasses.replace(RunSpec.from_dict(recorded["run"]), out=str(run_dir))
     if train_overrides:
         spec = dataclasses.replace(spec, train=apply_train_overrides(spec.train, train_overrides))
     if device:
         spec = dataclasses.replace(spec, device=device)
-    return Trainer(spec, resume=True).fit()
-
+    return spec

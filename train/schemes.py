@@ -19,35 +19,54 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
+import torch
 from torch import nn
-
-RPN_LOSSES = ("loss_objectness", "loss_rpn_box_reg")
-ROI_LOSSES = ("loss_classifier", "loss_box_reg")
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    parts: tuple[str, ...]  # losses computed and trained: "rpn", "roi" (FasterRCNN.losses(parts=...))
+    trains_rpn: bool  # the RPN losses are computed and trained
+    trains_roi: bool  # the RoI-head losses are computed and trained
     freeze: tuple[str, ...]  # parameter-name patterns kept frozen in this stage (besides the user's)
-    fixed_proposals: bool = False  # RoI head trained on a frozen copy's proposals (alternating step 2)
-
-    @property
-    def loss_keys(self) -> tuple[str, ...]:
-        return (RPN_LOSSES if "rpn" in self.parts else ()) + (ROI_LOSSES if "roi" in self.parts else ())
+    proposals_from_previous_step: bool = False  # RoI head trained on the previous step's proposals (step 2)
 
 
 def stages(scheme: str) -> list[Stage]:
     if scheme == "end2end":
-        return [Stage("end2end", ("rpn", "roi"), ())]
+        return [Stage("end2end", trains_rpn=True, trains_roi=True, freeze=())]
     if scheme == "alternating":
         return [
-            Stage("1-rpn", ("rpn",), ("roi_heads",)),
-            Stage("2-fast-rcnn", ("roi",), ("rpn",), fixed_proposals=True),
-            Stage("3-rpn-tune", ("rpn",), ("backbone", "roi_heads")),
-            Stage("4-fast-rcnn-tune", ("roi",), ("backbone", "rpn")),
+            Stage("1-rpn", trains_rpn=True, trains_roi=False, freeze=("roi_heads",)),
+            Stage("2-fast-rcnn", trains_rpn=False, trains_roi=True, freeze=("rpn",),
+                  proposals_from_previous_step=True),
+            Stage("3-rpn-tune", trains_rpn=True, trains_roi=False, freeze=("backbone", "roi_heads")),
+            Stage("4-fast-rcnn-tune", trains_rpn=False, trains_roi=True, freeze=("backbone", "rpn")),
         ]
     raise ValueError(f"unknown scheme {scheme!r} (end2end | alternating)")
+
+
+def stage_losses(stage: Stage, net: nn.Module, images: torch.Tensor, image_sizes: torch.Tensor,
+                 targets: list[dict[str, torch.Tensor]], *, proposer: nn.Module | None = None,
+                 roi_fg_iou_thresh: float | None = None, roi_box_beta: float | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """The losses a stage trains (only those: their sum is the step's loss) and the RoI-head stats.
+
+    proposer: the previous step's network (frozen) whose proposals the RoI head trains on; it runs
+    as at inference (no matching, no sampling, no random numbers), keeping as many proposals per
+    image as training would (the train counts).
+    """
+    if stage.trains_rpn and stage.trains_roi:
+        return net.losses(images, image_sizes, targets, roi_fg_iou_thresh=roi_fg_iou_thresh, roi_box_beta=roi_box_beta)
+    if stage.trains_rpn:
+        return net.rpn_losses(images, image_sizes, targets), {}
+    proposals = None
+    if proposer is not None:
+        counts = proposer.config.rpn
+        proposals = proposer.proposals(images, image_sizes, pre_nms_top_n=counts.pre_nms_top_n_train,
+                                       post_nms_top_n=counts.post_nms_top_n_train)
+    return net.roi_losses(images, image_sizes, targets, proposals=proposals, roi_fg_iou_thresh=roi_fg_iou_thresh,
+                          roi_box_beta=roi_box_beta)
 
 
 def parse_patterns(text: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
@@ -98,8 +117,3 @@ def _suggest(names: list[str], pattern: str) -> list[str]:
     hits = sorted({".".join(n.split(".")[: i + 1]) for n in names for i, part in enumerate(n.split("."))
                    if part == last})
     return hits[:5] or sorted({n.split(".")[0] for n in names})
-
-
-def total_loss(losses: dict, loss_keys: tuple[str, ...]):
-    """Sum of the selected loss terms (the others are computed but do not train anything)."""
-    return sum(losses[k] for k in loss_keys)

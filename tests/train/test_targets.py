@@ -90,7 +90,7 @@ def _rpn_losses(rpn, gt):
     # one 2x2 level of stride 8 on a 16x16 image: anchors [-4,-4,4,4], [4,-4,12,4], [-4,4,4,12], [4,4,12,12]
     feats = [torch.zeros(1, 4, 2, 2)]
     targets = [{"boxes": torch.tensor([gt]), "labels": torch.tensor([1])}]
-    losses, _, _ = rpn.losses(feats, torch.tensor([[16, 16]]), (16, 16), targets)
+    losses = rpn.losses(feats, torch.tensor([[16, 16]]), (16, 16), targets)
     return float(losses["loss_objectness"].detach()), float(losses["loss_rpn_box_reg"].detach())
 
 
