@@ -45,7 +45,7 @@ def time_side_by_side(weights: dict[str, torch.Tensor], paths: list[Path], repea
     torch backend) and of torchvision eager, interleaved so machine load hits both alike."""
     cfg = torchvision_config("resnet50_fpn", 91, 600, 1000)
     save_checkpoint(tmp / "r50", load_torchvision(weights, cfg), cfg)
-    pipe = Pipeline.load(tmp / "r50", backend="torch", intra_op_threads=threads)
+    pipe = Pipeline.load(tmp / "r50", backend="torch", threads=threads)
     tv = None
     if REF_PYTHON.exists():
         tv = TorchvisionServer(weights, threads, tmp)

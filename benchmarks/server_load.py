@@ -49,7 +49,7 @@ def backend_alone(model: Path, backend: str, images: list[np.ndarray], max_batch
     from runtime import Pipeline
 
     torch.set_num_threads(threads)
-    pipe = Pipeline.load(model, backend=backend, intra_op_threads=threads)
+    pipe = Pipeline.load(model, backend=backend, threads=threads)
     prepared = [pipe.prepare(im) for im in images]
     out: dict = {"backend": pipe.backend_name, "per_batch_s": {}, "throughput": {}}
     sizes = sorted({1, *[b for b in (2, 4, 8, 16) if b < max_batch], max_batch})
@@ -76,7 +76,7 @@ def backend_alone(model: Path, backend: str, images: list[np.ndarray], max_batch
     t = []
     for im in images[:10]:
         t0 = time.perf_counter()
-        pipe.predict([im], score_threshold=0.5)
+        pipe.predict([im], pipe.options(score_threshold=0.5))
         t.append(time.perf_counter() - t0)
     out["pipeline_batch1_s"] = statistics.median(t)
     out["best_throughput"] = max(out["throughput"].values())
@@ -236,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.model_source import resolve
     from server.settings import Settings
 
-    alone_model, alone_backend = resolve(Settings(_env_file=None, model=model, backend=args.backend,
-                                                  cache_dir=CACHE))
+    alone_model, alone_backend = resolve(Settings(_env_file=None, model=model, backend=args.backend))
     print(f"backend alone ({alone_model.name}, {alone_backend}, {args.threads} threads):")
     alone = backend_alone(alone_model, alone_backend, [load_image(d) for _, d in payloads], args.max_batch_size,
                           args.threads, seconds_per_size=max(3.0, args.duration / 3))

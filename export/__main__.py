@@ -1,6 +1,6 @@
 """python -m export {onnx, verify, tensorrt, triton}: thin argument parsing over export/*.
 
-    python -m export onnx --checkpoint CKPT --out model.onnx [--opset 18] [--with-nms] [--max-detections K]
+    python -m export onnx --checkpoint CKPT --out model.onnx [--opset 18] [--with-nms] [--max-detections K] [--if-stale]
     python -m export verify --checkpoint CKPT --model model.onnx --images DIR [--annotations GT]
     python -m export tensorrt --model model.onnx --out model.engine [--fp16] [--int8 --calib-images DIR]
     python -m export triton --model model.onnx|model.engine --repo DIR [--name frcnn]
@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--opset", type=int, default=18)
     o.add_argument("--with-nms", action="store_true", help="class-wise NMS and top-K in the graph")
     o.add_argument("--max-detections", type=int, default=100, help="K: rows per image with --with-nms")
-    o.add_argument("--no-verify", action="store_true", help="skip the post-export parity check")
+    o.add_argument("--no-verify", action="store_true", help="skip the post-export parity gate (unverified graph)")
+    o.add_argument("--if-stale", action="store_true",
+                   help="do nothing when --out was exported from this checkpoint by this export code")
 
     v = sub.add_parser("verify", help="parity of an exported model with its checkpoint")
     v.add_argument("--checkpoint", required=True)
@@ -64,8 +66,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = _parser().parse_args(argv)
+    from export.verify import GateFailed
+
     try:
         return _run(args)
+    except GateFailed as exc:  # the graph disagrees with its checkpoint: nothing was written
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (ImportError, FileNotFoundError, ValueError) as exc:  # missing TensorRT, paths, bad settings
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -73,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "onnx":
-        from export.onnx_export import export_onnx
+        from export.onnx_export import export_onnx, is_fresh
 
+        if args.if_stale and is_fresh(args.out, args.checkpoint):
+            print(f"up to date: {args.out}")
+            return 0
         path = export_onnx(args.checkpoint, args.out, opset=args.opset, with_nms=args.with_nms,
                            max_detections=args.max_detections, verify=not args.no_verify)
         print(f"wrote {path}")
@@ -85,7 +95,12 @@ def _run(args: argparse.Namespace) -> int:
         report = verify(args.checkpoint, args.model, args.images, annotations=args.annotations,
                         batch_size=args.batch_size, limit=args.limit)
         print(report.to_json())
-        return 0 if report.ok else 1
+        if not report.ok:
+            from export.verify import failure_message
+
+            print(f"error: {failure_message(report, args.model)}", file=sys.stderr)
+            return 1
+        return 0
     if args.command == "tensorrt":
         from export.tensorrt import BuildOptions, build_engine
 

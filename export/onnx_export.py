@@ -11,7 +11,11 @@ contract names for the dynamic dims, and the metadata that lets a backend run th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -159,21 +163,63 @@ def _optimize(program) -> None:
     RemoveUnusedNodesPass()(program.model)
 
 
+def source_digest(checkpoint_dir: str | Path) -> str:
+    """Hash of the checkpoint's files and of the export code: either changing makes a cached graph stale."""
+    h = hashlib.sha256()
+    files = [p for p in Path(checkpoint_dir).iterdir() if p.is_file()]
+    files += list(Path(__file__).parent.rglob("*.py"))
+    for f in sorted(files, key=lambda p: (p.name, str(p))):
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def is_fresh(out_path: str | Path, checkpoint_dir: str | Path) -> bool:
+    """True when `out_path` is an frcnn graph exported from this checkpoint by this export code."""
+    out_path = Path(out_path)
+    if not out_path.is_file():
+        return False
+    try:
+        proto = onnx.load_model(str(out_path), load_external_data=False)
+        meta = contract.GraphMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+    except Exception:  # unreadable or foreign: not ours, so not fresh
+        return False
+    return meta.source_digest == source_digest(checkpoint_dir)
+
+
 def export_onnx(checkpoint_dir: str | Path, out_path: str | Path, *, opset: int = 18, with_nms: bool = False,
                 max_detections: int = 100, verify: bool = True) -> Path:
-    """Export a checkpoint directory (model.safetensors + model.json) to `out_path` (.onnx)."""
+    """Export a checkpoint directory (model.safetensors + model.json) to `out_path` (.onnx).
+
+    The graph is written beside `out_path` under a temporary name, gated (verify=True), then renamed:
+    a failed gate (export.verify.GateFailed) leaves nothing at `out_path` that looks verified, and two
+    processes exporting at once never read half a file."""
     from model.checkpoint import load_checkpoint
 
     net, meta = load_checkpoint(checkpoint_dir)
     cfg = meta.config
     proto = build_graph(net, cfg, meta.class_names, opset=opset, with_nms=with_nms,
                         max_detections=max_detections, model_name=Path(checkpoint_dir).name)
+    props = {p.key: p.value for p in proto.metadata_props}
+    props[contract.META_SOURCE_DIGEST] = json.dumps(source_digest(checkpoint_dir))
+    onnx.helper.set_model_props(proto, props)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(proto, str(out_path))
-    log.info("wrote %s (%d nodes, %.1f MB)", out_path, len(proto.graph.node), out_path.stat().st_size / 2**20)
-    if verify:
-        from export.verify import quick_verify
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}.", suffix=".onnx.part", dir=out_path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        onnx.save_model(proto, str(tmp_path))
+        if verify:
+            from export.verify import quick_verify
+            from runtime.pipeline import Pipeline
 
-        quick_verify(net, out_path, cfg)
+            reference = Pipeline.from_model(net, cfg, meta.class_names, name=Path(checkpoint_dir).name)
+            quick_verify(reference, out_path, other=Pipeline.load(tmp_path))
+        os.replace(tmp_path, out_path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    log.info("wrote %s (%d nodes, %.1f MB)", out_path, len(proto.graph.node), out_path.stat().st_size / 2**20)
     return out_path

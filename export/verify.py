@@ -1,11 +1,16 @@
-"""Parity of an exported graph with the PyTorch checkpoint it came from.
+"""The export gate: parity of an exported graph with the PyTorch checkpoint it came from.
 
     python -m export verify --checkpoint CKPT --model model.onnx --images DIR [--annotations GT]
 
-Both run on the same preprocessed batches; reported: max abs difference of the raw outputs (when
-both kept the same RoIs), the detection match rate both ways (same label, IoU >= 0.95, score within
-0.02), and with annotations each backend's COCO box AP. Fails (exit 1) when the match rate is below
-99% or the APs differ by more than 0.2 points.
+Both run through runtime.Pipeline on the same preprocessed batches (images batched only with images
+of the same padded size, as everywhere). Reported: max abs difference of the raw outputs (where both
+kept the same RoIs), the detection match rate both ways and, with annotations, each side's COCO box AP.
+
+Two detections match when they have the same label, IoU >= 0.95 and scores within 0.02. Ties must not
+fail the gate: a model with tied scores (untrained, weakly trained, saturated) may keep either of two
+equal candidates, so a detection without a partner is excused when the other side shows the tie it
+lost (see `_excused`). The gate fails (GateFailed, exit 1) when the tie-aware match rate is below 99%
+or the APs differ by more than 0.2 points.
 """
 
 from __future__ import annotations
@@ -17,36 +22,84 @@ from pathlib import Path
 import torch
 
 from model.ops import box_iou
-from model.postprocess import Detections, postprocess
-from model.transform import preprocess
+from model.postprocess import Detections
+from runtime.coco import box_ap
+from runtime.images import list_images, load_image
+
+__all__ = ["GateFailed", "MatchRule", "compare", "list_images", "load_images", "match_rate", "matched_fraction",
+           "quick_verify", "synthetic_images", "verify"]
+from runtime.pipeline import Pipeline, PostOptions, same_size_batches
 
 MATCH_IOU = 0.95
 MATCH_SCORE = 0.02
 MIN_MATCH_RATE = 0.99
 MAX_AP_DIFF = 0.2  # AP points (AP in percent)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def matched_fraction(a: list[Detections], b: list[Detections], *, iou: float = MATCH_IOU,
-                     score_tol: float = MATCH_SCORE) -> tuple[int, int]:
-    """(matched, total): detections of `a` that have a partner in `b` on the same image with the same
-    label, IoU >= iou and |score difference| <= score_tol."""
+class GateFailed(RuntimeError):
+    """An exported graph disagrees with its checkpoint; the message says by how much and what next."""
+
+    def __init__(self, message: str, report: VerifyReport):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class MatchRule:
+    iou: float = MATCH_IOU
+    score_tol: float = MATCH_SCORE
+    nms_iou: float = 0.5  # the postprocess NMS threshold: what counts as "suppressed by a tie"
+    score_threshold: float = 0.05  # the postprocess score cut: scores at it are ties with it
+    max_detections: int = 100  # the top-k cut: scores at the last kept one are ties with it
+
+
+def _excused(d_box, d_score, d_label, other: Detections, rule: MatchRule) -> bool:
+    """A detection of one side with no partner on the other is a tie, not a difference, when
+    its score is at the score cut; or the other side is full (top-k) and its score is at the other's
+    last one; or the other side kept an overlapping box (IoU > nms_iou: NMS chose between them) of
+    the same label and the same score."""
+    if d_score <= rule.score_threshold + rule.score_tol:
+        return True
+    n = len(other.scores)
+    if n == 0:
+        return False
+    if n >= rule.max_detections and d_score <= float(other.scores.min()) + rule.score_tol:
+        return True
+    same = (other.labels == d_label) & ((other.scores - d_score).abs() <= rule.score_tol)
+    if not same.any():
+        return False
+    return bool((box_iou(d_box[None].float(), other.boxes[same].float()) > rule.nms_iou).any())
+
+
+def matched_fraction(a: list[Detections], b: list[Detections], rule: MatchRule | None = None, *,
+                     tie_aware: bool = True) -> tuple[int, int]:
+    """(matched, total): detections of `a` with a partner in `b` on the same image (same label,
+    IoU >= rule.iou, |score difference| <= rule.score_tol), counting ties as matched when tie_aware."""
+    rule = rule or MatchRule()
     matched = total = 0
     for da, db in zip(a, b, strict=True):
         total += len(da.scores)
-        if len(da.scores) == 0 or len(db.scores) == 0:
+        if len(da.scores) == 0:
             continue
-        ok = box_iou(da.boxes.float(), db.boxes.float()) >= iou  # (n_a, n_b)
-        ok &= da.labels[:, None] == db.labels[None, :]
-        ok &= (da.scores[:, None] - db.scores[None, :]).abs() <= score_tol
-        matched += int(ok.any(1).sum())
+        if len(db.scores):
+            ok = box_iou(da.boxes.float(), db.boxes.float()) >= rule.iou  # (n_a, n_b)
+            ok &= da.labels[:, None] == db.labels[None, :]
+            ok &= (da.scores[:, None].float() - db.scores[None, :].float()).abs() <= rule.score_tol
+            hit = ok.any(1)
+        else:
+            hit = torch.zeros(len(da.scores), dtype=torch.bool)
+        if tie_aware:
+            for j in torch.nonzero(~hit).flatten().tolist():
+                hit[j] = _excused(da.boxes[j], float(da.scores[j]), int(da.labels[j]), db, rule)
+        matched += int(hit.sum())
     return matched, total
 
 
-def match_rate(a: list[Detections], b: list[Detections], **kw) -> float:
+def match_rate(a: list[Detections], b: list[Detections], rule: MatchRule | None = None, *,
+               tie_aware: bool = True) -> float:
     """Worse of the two directions; 1.0 when neither has any detection."""
-    ma, ta = matched_fraction(a, b, **kw)
-    mb, tb = matched_fraction(b, a, **kw)
+    ma, ta = matched_fraction(a, b, rule, tie_aware=tie_aware)
+    mb, tb = matched_fraction(b, a, rule, tie_aware=tie_aware)
     return min(ma / ta if ta else 1.0, mb / tb if tb else 1.0)
 
 
@@ -55,119 +108,110 @@ class VerifyReport:
     images: int
     detections_torch: int
     detections_other: int
-    match_rate: float
+    match_rate: float  # tie-aware: what the gate uses
+    strict_match_rate: float  # ties counted as differences (for information)
     max_abs_diff: dict[str, float] = field(default_factory=dict)  # raw output -> max |torch - other|
-    same_rois_batches: int = 0  # batches where both kept the same number of RoIs
+    same_rois_batches: int = 0  # batches where both kept the same RoIs
     ap_torch: float | None = None
     ap_other: float | None = None
+    min_match_rate: float = MIN_MATCH_RATE
+    max_ap_diff: float = MAX_AP_DIFF
 
     @property
     def ok(self) -> bool:
-        if self.match_rate < MIN_MATCH_RATE:
-            return False
-        if self.ap_torch is not None and self.ap_other is not None:
-            return abs(self.ap_torch - self.ap_other) <= MAX_AP_DIFF
-        return True
+        return not self.problems()
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.match_rate < self.min_match_rate:
+            out.append(f"only {100 * self.match_rate:.1f}% of detections match (gate: >= "
+                       f"{100 * self.min_match_rate:.1f}%; {self.detections_torch} from the checkpoint, "
+                       f"{self.detections_other} from the graph, on {self.images} images)")
+        if self.ap_torch is not None and self.ap_other is not None and \
+                abs(self.ap_torch - self.ap_other) > self.max_ap_diff:
+            out.append(f"box AP {self.ap_other:.2f} vs the checkpoint's {self.ap_torch:.2f} "
+                       f"(gate: within {self.max_ap_diff} points)")
+        return out
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "ok": self.ok}, indent=2)
 
 
-def compare_backends(net, other, cfg, images: list[torch.Tensor], *, batch_size: int = 2,
-                     score_thresh: float | None = None) -> tuple[VerifyReport, list, list]:
-    """Run `net` (eager) and `other` (a Backend: images, image_sizes -> RawDetections) on the same
-    batches of (3, h, w) uint8 images. Returns (report, torch detections, other detections)."""
-    rh = cfg.roi_heads
-    post = dict(score_thresh=rh.score_thresh if score_thresh is None else score_thresh,
-                nms_thresh=rh.nms_thresh, detections_per_img=rh.detections_per_img, min_size=rh.min_size)
-    dets_t, dets_o, diffs, same = [], [], {}, 0
-    net = net.eval()
-    for s in range(0, len(images), batch_size):
-        batch = preprocess(images[s:s + batch_size], cfg.transform)
-        with torch.no_grad():
-            raw_t = net(batch.images, batch.image_sizes)
-        raw_o = other(batch.images, batch.image_sizes)
-        if raw_t.scores.shape == raw_o.scores.shape and torch.equal(raw_t.batch_idx, raw_o.batch_idx):
+def compare(reference: Pipeline, other: Pipeline, images: list, *, batch_size: int = 2,
+            same_size: bool = True, options: PostOptions | None = None,
+            rule: MatchRule | None = None) -> tuple[VerifyReport, list[Detections], list[Detections]]:
+    """Run two pipelines on the same preprocessed batches of images ((h, w, 3) uint8 arrays or (3, h, w)
+    tensors). same_size=False batches images of different sizes together (padded), to check that a
+    graph is right on padded batches too. Returns (report, reference detections, other detections)."""
+    options = options or reference.options()
+    rule = rule or MatchRule(nms_iou=reference.config.roi_heads.nms_thresh,
+                             score_threshold=options.score_threshold, max_detections=options.max_detections)
+    prepared = [reference.prepare(im) for im in images]
+    if same_size:
+        groups = same_size_batches([reference.padded_size(p) for p in prepared], batch_size)
+    else:
+        groups = [list(range(s, min(s + batch_size, len(images)))) for s in range(0, len(images), batch_size)]
+    dets_r: list[Detections | None] = [None] * len(images)
+    dets_o: list[Detections | None] = [None] * len(images)
+    diffs: dict[str, float] = {}
+    same = 0
+    for idx in groups:
+        batch = reference.collate([prepared[i] for i in idx])
+        raw_r, raw_o = reference.infer(batch), other.infer(batch)
+        if raw_r.scores.shape == raw_o.scores.shape and torch.equal(raw_r.batch_idx, raw_o.batch_idx):
             same += 1
             for name in ("scores", "boxes"):
-                d = (getattr(raw_t, name) - getattr(raw_o, name)).abs()
+                d = (getattr(raw_r, name).float() - getattr(raw_o, name).float()).abs()
                 diffs[name] = max(diffs.get(name, 0.0), float(d.max()) if d.numel() else 0.0)
-        dets_t += postprocess(raw_t, batch.image_sizes, batch.original_sizes, **post)
-        dets_o += postprocess(raw_o, batch.image_sizes, batch.original_sizes, **post)
+        for i, dr, do in zip(idx, reference.postprocess(raw_r, batch, options),
+                             other.postprocess(raw_o, batch, options), strict=True):
+            dets_r[i], dets_o[i] = dr, do
     report = VerifyReport(
-        images=len(images), detections_torch=sum(len(d.scores) for d in dets_t),
-        detections_other=sum(len(d.scores) for d in dets_o), match_rate=match_rate(dets_t, dets_o),
-        max_abs_diff=diffs, same_rois_batches=same,
+        images=len(images), detections_torch=sum(len(d.scores) for d in dets_r),
+        detections_other=sum(len(d.scores) for d in dets_o), match_rate=match_rate(dets_r, dets_o, rule),
+        strict_match_rate=match_rate(dets_r, dets_o, rule, tie_aware=False), max_abs_diff=diffs,
+        same_rois_batches=same,
     )
-    return report, dets_t, dets_o
+    return report, dets_r, dets_o  # type: ignore[return-value]
 
 
-def box_ap(dets: list[Detections], image_ids: list[int], gt: dict, class_names: list[str]) -> float:
-    """COCO box AP (percent) of detections on images `image_ids` of the COCO json `gt`.
-    Labels map to category ids by class name (falls back to the label itself)."""
-    by_name = {c["name"]: c["id"] for c in gt["categories"]}
-    label_to_cat = [by_name.get(n, i) for i, n in enumerate(class_names)]
-    results = []
-    for det, image_id in zip(dets, image_ids, strict=True):
-        for box, score, label in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist(), strict=True):
-            x1, y1, x2, y2 = box
-            results.append({"image_id": int(image_id), "category_id": int(label_to_cat[label]),
-                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
-    ids = set(image_ids)
-    sub = {**gt, "images": [im for im in gt["images"] if im["id"] in ids],
-           "annotations": [a for a in gt["annotations"] if a["image_id"] in ids]}
-    from train.evaluate import coco_metrics  # the one COCOeval call of the project
-
-    return 100.0 * coco_metrics(sub, results)["AP"]
-
-
-def list_images(directory: str | Path, limit: int | None = None) -> list[Path]:
-    paths = sorted(p for p in Path(directory).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    return paths[:limit] if limit else paths
+def failure_message(report: VerifyReport, model_path: str | Path, what: str = "exported graph") -> str:
+    """One paragraph: which artifact, the numbers, what to try next."""
+    problems = "; ".join(report.problems())
+    return (f"{what} {model_path} failed its parity gate against the checkpoint: {problems}. "
+            f"Strict (ties counted) match rate {100 * report.strict_match_rate:.1f}%, raw max |diff| "
+            f"{ {k: round(v, 6) for k, v in report.max_abs_diff.items()} }. Check on real images with "
+            f"`python -m export verify --checkpoint CKPT --model {model_path} --images DIR [--annotations GT]`; "
+            f"`--no-verify` on `export onnx` skips this gate (the graph is then unverified).")
 
 
 def load_images(paths: list[Path]) -> list[torch.Tensor]:
-    from runtime.images import load_image
-
+    """Image files -> (3, h, w) uint8 tensors (EXIF applied, RGB)."""
     return [torch.from_numpy(load_image(p)).permute(2, 0, 1).contiguous() for p in paths]
 
 
 def verify(checkpoint: str | Path, model_path: str | Path, images_dir: str | Path, *,
            annotations: str | Path | None = None, batch_size: int = 2, limit: int | None = None,
-           backend=None) -> VerifyReport:
-    """The `verify` command: torch checkpoint vs exported model (.onnx, or a given backend)."""
-    from model.checkpoint import load_checkpoint
-
-    net, meta = load_checkpoint(checkpoint)
-    if backend is None:
-        backend = load_backend(model_path)
+           other: Pipeline | None = None) -> VerifyReport:
+    """The `verify` command: the checkpoint (torch) vs an exported model (any backend runtime loads)."""
+    reference = Pipeline.load(checkpoint, backend="torch")
+    other = other or Pipeline.load(model_path)
     paths = list_images(images_dir, limit)
     if not paths:
         raise FileNotFoundError(f"no images in {images_dir}")
-    report, dets_t, dets_o = compare_backends(net, backend, meta.config, load_images(paths), batch_size=batch_size)
+    report, dets_r, dets_o = compare(reference, other, load_images(paths), batch_size=batch_size)
     if annotations is not None:
         gt = json.loads(Path(annotations).read_text())
         id_of = {im["file_name"]: im["id"] for im in gt["images"]}
         keep = [i for i, p in enumerate(paths) if p.name in id_of]
         ids = [id_of[paths[i].name] for i in keep]
-        report.ap_torch = box_ap([dets_t[i] for i in keep], ids, gt, meta.class_names)
-        report.ap_other = box_ap([dets_o[i] for i in keep], ids, gt, meta.class_names)
+        report.ap_torch = box_ap([dets_r[i] for i in keep], ids, gt, reference.class_names)
+        report.ap_other = box_ap([dets_o[i] for i in keep], ids, gt, reference.class_names)
     return report
 
 
-def load_backend(model_path: str | Path):
-    path = Path(model_path)
-    if path.suffix == ".engine":
-        from runtime.backends.tensorrt_backend import TensorRTBackend
-
-        return TensorRTBackend(path)
-    from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-
-    return OnnxRuntimeBackend(path)
-
-
 def synthetic_images(sizes=((480, 640), (600, 400), (333, 517)), seed: int = 0) -> list[torch.Tensor]:
-    """Smooth random uint8 images (blobs, not noise, so a trained detector sees some structure)."""
+    """Smooth random (3, h, w) uint8 images (blobs, not noise, so a trained detector sees some structure)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for h, w in sizes:
@@ -177,11 +221,18 @@ def synthetic_images(sizes=((480, 640), (600, 400), (333, 517)), seed: int = 0) 
     return out
 
 
-def quick_verify(net, onnx_path: str | Path, cfg, *, images: list[torch.Tensor] | None = None) -> VerifyReport:
-    """Post-export smoke parity: batch 2 and 1 over three sizes (mixed-size batches pad).
-    Raises AssertionError when the match rate is below MIN_MATCH_RATE."""
-    backend = load_backend(onnx_path)
-    report, _, _ = compare_backends(net, backend, cfg, images or synthetic_images(), batch_size=2)
-    if report.match_rate < MIN_MATCH_RATE:
-        raise AssertionError(f"exported graph disagrees with torch: {report.to_json()}")
+def quick_verify(reference: Pipeline, model_path: str | Path, *, images: list | None = None,
+                 other: Pipeline | None = None) -> VerifyReport:
+    """Post-export smoke parity over three sizes, one repeated (a batch of 2 at equal size) and one
+    padded mixed-size batch (the graph must be right there too). Raises GateFailed."""
+    other = other or Pipeline.load(model_path)
+    images = images or synthetic_images(((480, 640), (480, 640), (600, 400), (333, 517)))
+    report, _, _ = compare(reference, other, images, batch_size=2)
+    mixed, _, _ = compare(reference, other, images[1:], batch_size=3, same_size=False)
+    report.match_rate = min(report.match_rate, mixed.match_rate)
+    report.strict_match_rate = min(report.strict_match_rate, mixed.strict_match_rate)
+    for k, v in mixed.max_abs_diff.items():
+        report.max_abs_diff[k] = max(report.max_abs_diff.get(k, 0.0), v)
+    if not report.ok:
+        raise GateFailed(failure_message(report, model_path), report)
     return report

@@ -14,10 +14,9 @@ from torch import nn
 from model.anchors import AnchorGenerator
 from model.backbones import Backbone, build_backbone
 from model.config import ModelConfig
-from model.postprocess import Detections, RawDetections, postprocess
+from model.postprocess import RawDetections
 from model.roi_heads import FastRCNNPredictor, RoIHeads, TwoMLPHead, build_pooler
 from model.rpn import RPN, RPNHead
-from model.transform import preprocess
 
 
 class FasterRCNN(nn.Module):
@@ -99,20 +98,6 @@ class FasterRCNN(nn.Module):
         if len(targets) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(targets)} targets")
         return self.backbone(images, image_sizes)
-
-    @torch.no_grad()
-    def predict(self, images: list[torch.Tensor], *, score_thresh: float | None = None,
-                detections_per_img: int | None = None) -> list[Detections]:
-        """Convenience: [(3, h, w) uint8 or float 0..1] -> detections in original pixels."""
-        cfg = self.config.roi_heads
-        batch = preprocess(images, self.config.transform)
-        dev = next(self.parameters()).device
-        raw = self(batch.images.to(dev), batch.image_sizes.to(dev))
-        return postprocess(raw, batch.image_sizes.to(dev), batch.original_sizes.to(dev),
-                           score_thresh=cfg.score_thresh if score_thresh is None else score_thresh,
-                           nms_thresh=cfg.nms_thresh, min_size=cfg.min_size,
-                           detections_per_img=cfg.detections_per_img if detections_per_img is None
-                           else detections_per_img)
 
 
 def build_model(cfg: ModelConfig) -> FasterRCNN:

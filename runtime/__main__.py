@@ -14,10 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-from runtime.images import ImageError, load_image
-from runtime.pipeline import BACKENDS, Pipeline
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+from runtime.backends import BACKENDS
+from runtime.images import IMAGE_SUFFIXES, ImageError, load_image
+from runtime.pipeline import Pipeline
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -42,12 +41,16 @@ def _load(path: Path):
 
 def predict_files(pipe: Pipeline, paths: list[Path], *, batch_size: int = 1, score_threshold: float | None = None,
                   max_detections: int | None = None) -> list[dict]:
+    """Detections per file, in order. Images are batched (up to batch_size) only with images of the
+    same padded size, so each answer equals the image's one-image answer."""
+    options = pipe.options(score_threshold, max_detections)
     results = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        images = [_load(p) for p in chunk]
-        dets = pipe.predict(images, score_threshold=score_threshold, max_detections=max_detections)
-        for path, img, d in zip(chunk, images, dets):
+    chunk = batch_size * 8  # files decoded at once: bounds memory while leaving sizes to group
+    for start in range(0, len(paths), chunk):
+        names = paths[start:start + chunk]
+        images = [_load(p) for p in names]
+        dets = pipe.predict(images, options, batch_size=batch_size)
+        for path, img, d in zip(names, images, dets, strict=True):
             labels = d.labels.tolist()
             results.append({"image": path.name, "width": int(img.shape[1]), "height": int(img.shape[0]),
                             "boxes": [[round(v, 2) for v in box] for box in d.boxes.tolist()],
@@ -73,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--batch-size must be at least 1")
     try:
         paths = collect_images(args.inputs)
-        pipe = Pipeline.load(args.model, backend=args.backend, device=args.device, intra_op_threads=args.threads)
+        pipe = Pipeline.load(args.model, backend=args.backend, device=args.device, threads=args.threads)
+        print(f"model {pipe.model_name}: {pipe.backend_name} backend, {pipe.precision}", file=sys.stderr)
         results = predict_files(pipe, paths, batch_size=args.batch_size, score_threshold=args.score_threshold,
                                 max_detections=args.max_detections)
     except (FileNotFoundError, ImageError, ValueError) as exc:

@@ -76,6 +76,9 @@ META_POSTPROCESS = "frcnn.postprocess"  # score_thresh, nms_thresh, detections_p
 META_MODEL_NAME = "frcnn.model_name"
 META_CONFIG = "frcnn.config"  # the model config as a dict (provenance)
 META_SIGNATURE = "frcnn.signature"  # inputs/outputs as TensorSpec JSON
+META_PRECISION = "frcnn.precision"  # "fp32" | "fp16" | "int8": decided in the graph, not by a runtime
+META_SOURCE_DIGEST = "frcnn.source_digest"  # hash of the checkpoint + export code the graph came from
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class GraphMetadata:
     model_name: str = ""
     config: dict[str, Any] | None = None
     max_detections: int | None = None  # K, nms flavour only
+    precision: str = "fp32"
+    source_digest: str = ""
 
     @property
     def with_nms(self) -> bool:
@@ -108,6 +113,8 @@ class GraphMetadata:
             META_POSTPROCESS: json.dumps(self.postprocess),
             META_MODEL_NAME: json.dumps(self.model_name),
             META_SIGNATURE: json.dumps(self.signature()),
+            META_PRECISION: json.dumps(self.precision),
+            META_SOURCE_DIGEST: json.dumps(self.source_digest),
         }
         if self.config is not None:
             props[META_CONFIG] = json.dumps(self.config)
@@ -135,6 +142,8 @@ class GraphMetadata:
             model_name=json.loads(props.get(META_MODEL_NAME, '""')),
             config=json.loads(props[META_CONFIG]) if META_CONFIG in props else None,
             max_detections=max_det,
+            precision=json.loads(props.get(META_PRECISION, '"fp32"')),
+            source_digest=json.loads(props.get(META_SOURCE_DIGEST, '""')),
         )
 
 

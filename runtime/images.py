@@ -146,3 +146,16 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
     arr = np.ascontiguousarray(arr)
     # Pillow's buffers come back read-only; torch.from_numpy warns on those.
     return arr if arr.flags.writeable else arr.copy()
+
+
+# The one list of file suffixes the project treats as images (folders for predict, verify, calibration).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def list_images(directory: str | os.PathLike, limit: int | None = None) -> list[Path]:
+    """Image files directly in `directory` (by IMAGE_SUFFIXES, case-insensitive), sorted by name."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"not a directory: {d}")
+    paths = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return paths[:limit] if limit else paths

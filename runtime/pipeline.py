@@ -1,12 +1,20 @@
-"""One inference pipeline: preprocess -> backend -> class-wise NMS postprocess.
+"""The one inference pipeline: preprocess -> backend -> class-wise NMS postprocess.
 
-The same code serves ``python -m runtime``, export verification and the server. Preprocessing is
-split in ``prepare`` (one image: normalize + resize, thread-safe) and ``collate`` (pad into a batch)
-so a server can prepare images as they arrive and batch them later.
+Every caller runs inference through here: ``python -m runtime``, training-time evaluation, export
+verification, the server and the benchmarks. Preprocessing is split in ``prepare`` (one image:
+normalize + resize, thread-safe) and ``collate`` (pad into a batch) so a server can prepare images
+as they arrive and batch them later. ``postprocess`` is the one place that turns the model config's
+thresholds into ``model.postprocess`` arguments.
+
+Batching rule: an image's answer must not depend on its batch, and torchvision architectures change
+detections near the padding, so callers batch only images of the same padded size
+(``same_size_batches``).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +25,7 @@ import torch
 from model.config import ModelConfig
 from model.postprocess import Detections, RawDetections, postprocess
 from model.transform import ImageBatch, normalize_resize, pad_batch
-
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+from runtime.backends import load_backend
 
 
 @dataclass(frozen=True)
@@ -30,59 +37,65 @@ class PreparedImage:
 
 @dataclass(frozen=True)
 class PostOptions:
+    """Per-image postprocess options (one request's). Build them with ``Pipeline.options`` so the
+    defaults come from the model config."""
+
     score_threshold: float = 0.05
     max_detections: int = 100
     classes: frozenset[int] | None = None  # keep only these label ids; None keeps all
 
 
-def backend_for(path: Path, backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend
-    if path.suffix == ".onnx":
-        return "onnxruntime"
-    if path.suffix in (".engine", ".plan"):
-        return "tensorrt"
-    return "torch"
+def padded_size(image_size: tuple[int, int], size_divisible: int, pad_past_edge: bool) -> tuple[int, int]:
+    """(h', w') of one resized image -> the (H, W) pad_batch gives it alone."""
+    extra = 1 if pad_past_edge else 0
+    return tuple(int(math.ceil((s + extra) / size_divisible) * size_divisible) for s in image_size)  # type: ignore[return-value]
 
 
-def load_backend(path: Path, backend: str, *, device: str = "cpu", intra_op_threads: int | None = None) -> Any:
-    kind = backend_for(path, backend)
-    if kind == "torch":
-        from runtime.backends.torch_backend import TorchBackend
-
-        if intra_op_threads:
-            torch.set_num_threads(intra_op_threads)
-        return TorchBackend(path, device=device)
-    if kind == "onnxruntime":
-        from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(path, intra_op_threads=intra_op_threads)
-    from runtime.backends.tensorrt_backend import TensorRTBackend
-
-    return TensorRTBackend(path)
+def same_size_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Indices grouped by equal padded size, in order of first appearance, at most batch_size each.
+    A batch of equal-size images gives every image exactly its one-image answer."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(sizes):
+        groups.setdefault(tuple(s), []).append(i)
+    return [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
 
 
 class Pipeline:
     def __init__(self, backend: Any, config: ModelConfig, class_names: list[str], model_name: str):
         self.backend = backend
         self.config = config
-        self.class_names = class_names
+        self.class_names = list(class_names)
         self.model_name = model_name
 
     @classmethod
     def load(cls, path: str | Path, *, backend: str = "auto", device: str = "cpu",
-             intra_op_threads: int | None = None) -> Pipeline:
+             threads: int | None = None) -> Pipeline:
+        """path: checkpoint directory (torch), .onnx (onnxruntime), .engine (tensorrt)."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no model at {path}")
-        b = load_backend(path, backend, device=device, intra_op_threads=intra_op_threads)
+        b = load_backend(path, backend, device=device, threads=threads)
         return cls(b, b.config, list(b.class_names), path.stem if path.is_file() else path.name)
+
+    @classmethod
+    def from_model(cls, net: torch.nn.Module, config: ModelConfig, class_names: list[str], *,
+                   name: str = "model") -> Pipeline:
+        """An in-memory model.FasterRCNN (training, export verification), run where its weights are."""
+        from runtime.backends.torch_backend import TorchBackend
+
+        return cls(TorchBackend(net, config, class_names), config, class_names, name)
+
+    # -- facts ------------------------------------------------------------------------------------
 
     @property
     def backend_name(self) -> str:
         return self.backend.name
+
+    @property
+    def precision(self) -> str:
+        return str(getattr(self.backend, "precision", "fp32"))
 
     @property
     def input_settings(self) -> dict[str, Any]:
@@ -90,8 +103,18 @@ class Pipeline:
         return {"min_size": t.min_size, "max_size": t.max_size, "image_mean": list(t.image_mean),
                 "image_std": list(t.image_std), "size_divisible": t.size_divisible}
 
+    def options(self, score_threshold: float | None = None, max_detections: int | None = None,
+                classes: frozenset[int] | None = None) -> PostOptions:
+        """PostOptions with the model config's defaults for whatever is not given."""
+        rh = self.config.roi_heads
+        return PostOptions(rh.score_thresh if score_threshold is None else float(score_threshold),
+                           rh.detections_per_img if max_detections is None else int(max_detections),
+                           classes)
+
+    # -- the steps --------------------------------------------------------------------------------
+
     def prepare(self, image: np.ndarray | torch.Tensor) -> PreparedImage:
-        """image: (h, w, 3) uint8 RGB array, or a (3, h, w) tensor -> PreparedImage."""
+        """image: (h, w, 3) uint8 RGB array, or a (3, h, w) uint8 / float 0..1 tensor -> PreparedImage."""
         if isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected an (h, w, 3) uint8 RGB array, got {image.shape} {image.dtype}")
@@ -99,6 +122,11 @@ class Pipeline:
         with torch.inference_mode():
             t = normalize_resize(image, self.config.transform)
         return PreparedImage(t, (t.shape[1], t.shape[2]), (image.shape[1], image.shape[2]))
+
+    def padded_size(self, item: PreparedImage) -> tuple[int, int]:
+        """The (H, W) `item` is padded to alone; images batch together only at equal padded size."""
+        t = self.config.transform
+        return padded_size(item.image_size, t.size_divisible, t.pad_past_edge)
 
     def collate(self, items: list[PreparedImage]) -> ImageBatch:
         t = self.config.transform
@@ -113,24 +141,41 @@ class Pipeline:
         return self.backend(batch.images, batch.image_sizes)
 
     def postprocess(self, raw: RawDetections, batch: ImageBatch,
-                    options: list[PostOptions] | None = None) -> list[Detections]:
+                    options: PostOptions | list[PostOptions] | None = None) -> list[Detections]:
+        """Class-wise NMS, score filter, top-k, boxes to original pixels. nms_thresh and min_size
+        always come from the model config; per-image options from `options` (None: config defaults)."""
         n = batch.image_sizes.shape[0]
-        options = options or [PostOptions(self.config.roi_heads.score_thresh,
-                                          self.config.roi_heads.detections_per_img)] * n
+        if options is None:
+            options = self.options()
+        if isinstance(options, PostOptions):
+            options = [options] * n
         if len(options) != n:
             raise ValueError(f"{len(options)} option sets for {n} images")
-        cfg = self.config.roi_heads
+        rh = self.config.roi_heads
         return postprocess(raw, batch.image_sizes, batch.original_sizes,
-                           score_thresh=[o.score_threshold for o in options], nms_thresh=cfg.nms_thresh,
-                           detections_per_img=[o.max_detections for o in options], min_size=cfg.min_size,
+                           score_thresh=[o.score_threshold for o in options], nms_thresh=rh.nms_thresh,
+                           detections_per_img=[o.max_detections for o in options], min_size=rh.min_size,
                            classes=[None if o.classes is None else torch.tensor(sorted(o.classes), dtype=torch.int64)
                                     for o in options])
 
-    def predict(self, images: list[np.ndarray | torch.Tensor], *, score_threshold: float | None = None,
-                max_detections: int | None = None) -> list[Detections]:
-        cfg = self.config.roi_heads
-        opts = PostOptions(cfg.score_thresh if score_threshold is None else score_threshold,
-                           cfg.detections_per_img if max_detections is None else max_detections)
-        batch = self.preprocess(images)
-        return self.postprocess(self.infer(batch), batch, [opts] * len(images))
+    def run(self, items: list[PreparedImage], options: PostOptions | list[PostOptions] | None = None
+            ) -> list[Detections]:
+        """One backend call over prepared images (the caller batches equal padded sizes)."""
+        batch = self.collate(items)
+        return self.postprocess(self.infer(batch), batch, options)
 
+    def predict(self, images: list[np.ndarray | torch.Tensor], options: PostOptions | list[PostOptions] | None = None,
+                *, batch_size: int | None = None) -> list[Detections]:
+        """Detections for images, in order. Images are batched (up to batch_size, default all) only
+        with images of the same padded size, so each answer equals its one-image answer."""
+        if not images:
+            return []
+        prepared = [self.prepare(im) for im in images]
+        opts = options if isinstance(options, list) else [options or self.options()] * len(images)
+        if len(opts) != len(images):
+            raise ValueError(f"{len(opts)} option sets for {len(images)} images")
+        out: list[Detections | None] = [None] * len(images)
+        for idx in same_size_batches([self.padded_size(p) for p in prepared], batch_size or len(images)):
+            for i, d in zip(idx, self.run([prepared[i] for i in idx], [opts[i] for i in idx]), strict=True):
+                out[i] = d
+        return out  # type: ignore[return-value]

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Backend = Literal["auto", "torch", "onnxruntime", "tensorrt"]
@@ -19,11 +19,6 @@ LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
 # Bundled demo model, served when no model is given (relative to the repository root).
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "demo-tiny-shapes"
-
-
-def _default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "frcnn"
 
 
 def _default_workers() -> int:
@@ -37,9 +32,10 @@ class Settings(BaseSettings):
     # model and backend
     model: Path | None = Field(None, description="checkpoint dir, .onnx or .engine; None = bundled demo")
     backend: Backend = "auto"
-    cache_dir: Path = Field(default_factory=_default_cache_dir,
-                            description="where checkpoints exported to ONNX are cached")
-    intra_op_threads: int | None = Field(None, ge=1, description="backend threads; None = library default")
+    threads: int | None = Field(None, ge=1, validation_alias=AliasChoices(
+                                    "threads", "frcnn_threads", "intra_op_threads", "frcnn_intra_op_threads"),
+                                description="backend intra-op threads; None = library default "
+                                            "(FRCNN_INTRA_OP_THREADS is the deprecated spelling)")
 
     # network
     host: str = "127.0.0.1"
@@ -59,6 +55,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(16, ge=1)
+
+    # connections (server/guard.py): what a slow or greedy client may hold
+    body_timeout_s: float = Field(30.0, gt=0, description="whole request body within this, else 408 and close")
+    header_timeout_s: float = Field(10.0, gt=0, description="request headers within this, else 408 and close")
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="request line + headers, else 431")
+    max_connections: int = Field(512, ge=1, description="open connections; past it a 503 and close")
 
     # response defaults (a request may override them)
     score_threshold: float = Field(0.5, ge=0.0, le=1.0)

@@ -14,6 +14,10 @@ class GraphMetadataMixin:
         return self.metadata.class_names
 
     @property
+    def precision(self) -> str:
+        return self.metadata.precision
+
+    @property
     def input_settings(self) -> dict:
         return self.metadata.input_settings
 

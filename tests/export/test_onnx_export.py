@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from export.tensorrt_ops import tensorrt_problems
-from export.verify import compare_backends, synthetic_images
+from export.verify import compare, synthetic_images
 from model.postprocess import postprocess
 from model.transform import preprocess
-from runtime import contract
+from runtime import Pipeline, contract
 from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
 pytest.importorskip("onnxruntime")
@@ -54,9 +54,10 @@ def test_graph_is_checked_folded_and_declares_the_contract(tiny_onnx):
 @pytest.mark.parametrize("batch_size", [1, 2, 4])
 def test_any_batch_size_and_image_size_matches_eager(tiny_net, tiny_onnx, batch_size):
     net, meta = tiny_net
-    backend = OnnxRuntimeBackend(tiny_onnx, intra_op_threads=2)
+    other = Pipeline(OnnxRuntimeBackend(tiny_onnx, intra_op_threads=2), meta.config, meta.class_names, "tiny")
     images = synthetic_images(SIZES[:4], seed=batch_size)  # batches mix sizes, so most images are padded
-    report, dets_t, dets_o = compare_backends(net, backend, meta.config, images, batch_size=batch_size)
+    report, dets_t, dets_o = compare(Pipeline.from_model(net, meta.config, meta.class_names), other, images,
+                                     batch_size=batch_size, same_size=False)
     assert report.detections_torch > 0
     assert report.match_rate >= 0.99, report.to_json()
     # raw outputs compared where both kept the same RoIs (a near-tie in the RPN's top-k/NMS of this

@@ -9,6 +9,7 @@ import torch
 
 from export.tensorrt_ops import tensorrt_problems
 from export.verify import quick_verify, synthetic_images
+from runtime import Pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -29,5 +30,6 @@ def test_preset_exports_and_matches_eager(name, tmp_path):
         assert problems == ["MaxRoiPool: not supported by the TensorRT 10 ONNX parser"]
     else:
         assert problems == []
-    report = quick_verify(net, path, cfg, images=synthetic_images(((480, 640), (500, 375)), seed=1))
+    reference = Pipeline.from_model(net, cfg, [f"c{i}" for i in range(11)])
+    report = quick_verify(reference, path, images=synthetic_images(((480, 640), (500, 375)), seed=1))
     assert report.match_rate >= 0.99

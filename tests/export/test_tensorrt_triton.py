@@ -25,13 +25,14 @@ def test_missing_tensorrt_says_what_to_install():
 @needs_trt
 def test_engine_matches_onnxruntime(tiny_net, tiny_onnx, tmp_path):
     from export.tensorrt import build_engine
-    from export.verify import compare_backends, synthetic_images
-    from runtime.backends.tensorrt_backend import TensorRTBackend
+    from export.verify import compare, synthetic_images
+    from runtime import Pipeline
 
     engine = build_engine(tiny_onnx, tmp_path / "tiny.engine",
                           BuildOptions(min_shape=(1, 64, 64), opt_shape=(2, 512, 512), max_shape=(4, 512, 512)))
     net, meta = tiny_net
-    report, _, _ = compare_backends(net, TensorRTBackend(engine), meta.config, synthetic_images(), batch_size=2)
+    report, _, _ = compare(Pipeline.from_model(net, meta.config, meta.class_names), Pipeline.load(engine),
+                           synthetic_images(), batch_size=2)
     assert report.match_rate >= 0.99, report.to_json()
 
 

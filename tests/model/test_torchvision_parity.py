@@ -9,6 +9,7 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.ops import box_iou
 from model.transform import preprocess
+from runtime import Pipeline
 from tests.model.parity import (
     COCO128,
     as_dict,
@@ -21,6 +22,7 @@ from tests.model.parity import (
 
 pytestmark = pytest.mark.skipif(not COCO128.exists(), reason="../shared/data/coco128 not found")
 ARCHS = ["resnet50_fpn", "mobilenet_v3_large_fpn"]
+CLASSES = [f"c{i}" for i in range(91)]
 
 
 def convert(tmp, arch: str):
@@ -47,7 +49,7 @@ def test_detections_match_torchvision_one_by_one(converted):
         img = load_coco_image(name)
         batch = preprocess([img], net.config.transform)
         assert batch.image_sizes[0].tolist() == g[f"{name}/image_size"].tolist()
-        ours = as_dict(net.predict([img])[0])
+        ours = as_dict(Pipeline.from_model(net, net.config, CLASSES).predict([img])[0])
         ref = golden_dets(g, name)
         assert ref["scores"].numel() > 20, "golden file has too few detections to be a check"
         assert match_rate(ours, ref) >= 0.95, name
@@ -75,7 +77,9 @@ def test_batch_of_different_sizes_matches_torchvision_batch(converted):
     arch, net = converted
     g, names = golden(arch)
     imgs = [load_coco_image(n) for n in names[:3]]
-    for name, det in zip(names[:3], net.predict(imgs)):
+    pipe = Pipeline.from_model(net, net.config, CLASSES)
+    # one padded batch of three sizes, as torchvision ran it (pipe.predict would batch by size)
+    for name, det in zip(names[:3], pipe.run([pipe.prepare(im) for im in imgs]), strict=True):
         ours = as_dict(det)
         # torchvision's own batched call. (Batched and one-by-one differ near the padding in both
         # implementations alike: features there see the batch's padding; with these random weights'

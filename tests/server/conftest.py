@@ -37,11 +37,9 @@ def coco_jpegs() -> list[Path]:
 def make_settings(tiny_checkpoint, tmp_path_factory) -> Callable[..., object]:
     from server.settings import Settings
 
-    cache = tmp_path_factory.mktemp("cache")
-
     def make(**overrides):
-        base = dict(model=tiny_checkpoint, backend="torch", cache_dir=cache, score_threshold=0.0,
-                    max_batch_size=4, max_delay_ms=20, queue_size=32, workers=2, intra_op_threads=2)
+        base = dict(model=tiny_checkpoint, backend="torch", score_threshold=0.0,
+                    max_batch_size=4, max_delay_ms=20, queue_size=32, workers=2, threads=2)
         base.update(overrides)
         return Settings(_env_file=None, **base)
 

@@ -61,8 +61,8 @@ def test_server_matches_the_pipeline_offline(live, tiny_checkpoint, coco_jpegs):
         r = c.post("/detect", files={"image": ("p.jpg", data, "image/jpeg")}, data={"max_detections": "20"})
     assert r.status_code == 200, r.text
     got = r.json()["results"][0]["detections"]
-    want = Pipeline.load(tiny_checkpoint, backend="torch").predict([load_image(data)], score_threshold=0.0,
-                                                                   max_detections=20)[0]
+    pipe = Pipeline.load(tiny_checkpoint, backend="torch")
+    want = pipe.predict([load_image(data)], pipe.options(score_threshold=0.0, max_detections=20))[0]
     assert len(got) == len(want.scores) > 0
     np.testing.assert_allclose([d["box"] for d in got], want.boxes.numpy(), atol=0.02)
     np.testing.assert_allclose([d["score"] for d in got], want.scores.numpy(), atol=1e-4)

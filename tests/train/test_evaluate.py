@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.evaluate import METRIC_KEYS, coco_metrics, detections_to_coco, evaluate_files
+from runtime.coco import METRIC_KEYS, coco_metrics, detections_to_coco
+from train.evaluate import evaluate_files
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 FAKE100 = DATA / "cocoeval-fake100"
