@@ -6,12 +6,21 @@ Each op is a `torch.library.custom_op` with a fake implementation so `torch.expo
 one node; export/ lowers it, or turns box_area / box_iou / clip_boxes back into plain aten ops
 with `DECOMPOSITIONS`. The `_*_ref` functions are the pure-torch maths; the ops call them, and
 so do the decompositions.
+
+Dtypes are torchvision's: areas, IoUs and widths are computed in the upcast dtype (float16 /
+bfloat16 -> float32, int8 / int16 / uint8 -> int32; see _precision.py), so box_area returns
+that dtype and box_iou float32 for low-precision or integer boxes. Unlike torchvision, box_iou
+upcasts the coordinates before the intersection too, so float16 boxes give exactly the float32
+IoU of the same values.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from model.ops._checks import ArgChecker
+from model.ops._precision import upcast, upcast_dtype
 
 __all__ = ["DECOMPOSITIONS", "box_area", "box_iou", "clip_boxes", "remove_small_boxes"]
 
@@ -20,10 +29,12 @@ __all__ = ["DECOMPOSITIONS", "box_area", "box_iou", "clip_boxes", "remove_small_
 
 
 def _box_area_ref(boxes: Tensor) -> Tensor:
+    boxes = upcast(boxes)  # no-op (no graph node) for float32 / float64 / int32 / int64
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
 def _box_iou_ref(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    boxes1, boxes2 = upcast(boxes1), upcast(boxes2)
     area1 = _box_area_ref(boxes1)
     area2 = _box_area_ref(boxes2)
     lt = torch.maximum(boxes1[:, None, :2], boxes2[None, :, :2])  # (N, M, 2)
@@ -38,18 +49,22 @@ def _clip_boxes_ref(boxes: Tensor, image_size: Tensor) -> Tensor:
     # (..., 2) (h, w) -> (..., 4) upper bounds (w, h, w, h) in the boxes' dtype; stack rather
     # than a list index, which would become a tensor constant when used as a decomposition
     h, w = image_size[..., 0], image_size[..., 1]
-    upper = torch.stack([w, h, w, h], -1).to(boxes.dtype)
-    return torch.minimum(boxes.clamp(min=0), upper)
+    upper = torch.stack([w, h, w, h], -1)
+    if not boxes.is_floating_point() and upper.dtype != boxes.dtype:
+        # a 300 px image bound wraps in int8; bounds past the dtype's range clip nothing anyway
+        upper = upper.clamp(max=torch.iinfo(boxes.dtype).max)
+    return torch.minimum(boxes.clamp(min=0), upper.to(boxes.dtype))
 
 
 def _small_mask(boxes: Tensor, min_size: float) -> Tensor:
+    boxes = upcast(boxes)  # int8 widths of boxes across 0 wrap
     ws = boxes[:, 2] - boxes[:, 0]
     hs = boxes[:, 3] - boxes[:, 1]
     return (ws >= min_size) & (hs >= min_size)
 
 
 def _iou_dtype(boxes1: Tensor, boxes2: Tensor) -> torch.dtype:
-    dtype = torch.promote_types(boxes1.dtype, boxes2.dtype)
+    dtype = torch.promote_types(upcast_dtype(boxes1.dtype), upcast_dtype(boxes2.dtype))
     return dtype if dtype.is_floating_point else torch.get_default_dtype()
 
 
@@ -63,7 +78,7 @@ def _box_area_op(boxes: Tensor) -> Tensor:
 
 @_box_area_op.register_fake
 def _(boxes):
-    return boxes.new_empty(boxes.shape[:-1])
+    return boxes.new_empty(boxes.shape[:-1], dtype=upcast_dtype(boxes.dtype))
 
 
 @torch.library.custom_op("frcnn::box_iou", mutates_args=())
@@ -145,10 +160,12 @@ def box_area(boxes: Tensor) -> Tensor:
     """Area of boxes.
 
     Args:
-        boxes (Tensor[N, 4]): (x1, y1, x2, y2).
+        boxes (Tensor[..., 4]): (x1, y1, x2, y2), floating or integer.
     Returns:
-        Tensor[N], same dtype as boxes.
+        Tensor[...] in the upcast dtype: float32 for float16 / bfloat16 boxes, int32 for
+        int8 / int16 / uint8, else the boxes' dtype (torchvision's box_area).
     """
+    ArgChecker("box_area").tensor("boxes", boxes, ("...", 4))
     return torch.ops.frcnn.box_area(boxes)
 
 
@@ -156,11 +173,15 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Pairwise intersection over union.
 
     Args:
-        boxes1 (Tensor[N, 4]), boxes2 (Tensor[M, 4]): (x1, y1, x2, y2).
+        boxes1 (Tensor[N, 4]), boxes2 (Tensor[M, 4]): (x1, y1, x2, y2), floating or integer.
     Returns:
-        Tensor[N, M] (floating; integer boxes give the default float dtype).
-        Two empty boxes give NaN (0 / 0), as torchvision.
+        Tensor[N, M]: float32 for float16 / bfloat16 / integer boxes, computed in float32 from
+        the boxes' values; float64 when either is float64. Two empty boxes give NaN (0 / 0), as
+        torchvision.
     """
+    check = ArgChecker("box_iou")
+    check.tensor("boxes1", boxes1, ("N", 4))
+    check.tensor("boxes2", boxes2, ("M", 4))
     return torch.ops.frcnn.box_iou(boxes1, boxes2)
 
 
@@ -174,6 +195,15 @@ def clip_boxes(boxes: Tensor, image_size: Tensor) -> Tensor:
     Returns:
         Tensor[..., 4], the broadcast shape, boxes' dtype.
     """
+    check = ArgChecker("clip_boxes")
+    check.tensor("boxes", boxes, ("...", 4))
+    check.tensor("image_size", image_size, ("...", 2))
+    try:
+        if all(isinstance(s, int) for s in (*boxes.shape, *image_size.shape)):  # symbolic: the fake checks
+            torch.broadcast_shapes(boxes.shape[:-1], image_size.shape[:-1])
+    except RuntimeError:
+        check.fail(f"image_size (..., 2) must broadcast against boxes (..., 4): got image_size "
+                   f"{tuple(image_size.shape)} for boxes {tuple(boxes.shape)}")
     return torch.ops.frcnn.clip_boxes(boxes, image_size)
 
 
@@ -181,8 +211,9 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     """Indices of the boxes whose width and height are both >= min_size.
 
     Args:
-        boxes (Tensor[N, 4]): (x1, y1, x2, y2).
+        boxes (Tensor[N, 4]): (x1, y1, x2, y2), floating or integer.
     Returns:
         Tensor[K] int64, increasing.
     """
+    ArgChecker("remove_small_boxes").tensor("boxes", boxes, ("N", 4))
     return torch.ops.frcnn.remove_small_boxes(boxes, float(min_size))

@@ -9,6 +9,10 @@ explicitly (no inference from feature and image sizes), so the op has no hidden 
 
 One op rather than Python glue around roi_align: the exported graph gets a single node that
 export/ can lower level by level, and the per-level RoI counts stay inside it.
+
+float16 / bfloat16 maps are pooled in float32 and the result cast back (roi_align's rule), and
+the levels are chosen from float32 areas (torchvision's LevelMapper upcasts too: a bfloat16 area
+sends RoIs near a level boundary to the other level).
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from model.ops._precision import compute_dtype, register_float32_autocast
 from model.ops.boxes import _box_area_ref
 from model.ops.roi_align import _backward as _roi_align_backward
 from model.ops.roi_align import _forward as _roi_align_forward
-from model.ops.roi_align import _pair
+from model.ops.roi_align import _pair, check_roi_args
 
 __all__ = ["map_levels", "multiscale_roi_align"]
 
@@ -87,6 +92,11 @@ def _split4(flat: Sequence[int]) -> list[list[int]]:
 def _msra_op(features: list[Tensor], rois: Tensor, output_size: Sequence[int],
              spatial_scales: Sequence[float], sampling_ratio: int, canonical_scale: int,
              canonical_level: int, aligned: bool) -> Tensor:
+    dtype = features[0].dtype
+    work = compute_dtype(dtype)
+    if work != dtype:  # float16 / bfloat16: float32 maths, result cast back
+        return _forward([f.to(work) for f in features], rois, output_size, spatial_scales, sampling_ratio,
+                        canonical_scale, canonical_level, aligned).to(dtype)
     return _forward(features, rois, output_size, spatial_scales, sampling_ratio, canonical_scale,
                     canonical_level, aligned)
 
@@ -103,6 +113,11 @@ def _msra_backward_op(grad: Tensor, rois: Tensor, feature_shapes: Sequence[int],
                       sampling_ratio: int, canonical_scale: int, canonical_level: int,
                       aligned: bool) -> list[Tensor]:
     # feature_shapes is flat (4 ints per level): the op schema has no nested int lists
+    work = compute_dtype(grad.dtype)
+    if work != grad.dtype:
+        grads = _backward(grad.to(work), rois, _split4(feature_shapes), output_size, spatial_scales,
+                          sampling_ratio, canonical_scale, canonical_level, aligned)
+        return [g.to(grad.dtype) for g in grads]
     return _backward(grad, rois, _split4(feature_shapes), output_size, spatial_scales, sampling_ratio,
                      canonical_scale, canonical_level, aligned)
 
@@ -127,6 +142,7 @@ def _grad(ctx, grad):
 
 
 _msra_op.register_autograd(_grad, setup_context=_setup_context)
+register_float32_autocast("multiscale_roi_align", lambda out, dtype: out.to(dtype))
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -145,8 +161,32 @@ def multiscale_roi_align(features: Sequence[Tensor], rois: Tensor, output_size: 
         spatial_scales: 1/stride of each map, powers of 2 (e.g. [1/4, 1/8, 1/16, 1/32]).
         sampling_ratio: points per bin side (Faster R-CNN uses 2); <= 0 means adaptive.
     Returns:
-        Tensor[K, C, oh, ow]. Differentiable wrt every feature map.
+        Tensor[K, C, oh, ow] in the maps' dtype (float16 / bfloat16 maps are pooled in float32).
+        Differentiable wrt every feature map.
+    Raises:
+        ValueError: no maps, maps not (N, C, Hl, Wl) of one dtype and device, rois not (K, 5),
+            one spatial scale per map that is not a power of 2, or output_size not two positive ints.
     """
-    return torch.ops.frcnn.multiscale_roi_align(
-        list(features), rois, _pair(output_size), [float(s) for s in spatial_scales],
-        int(sampling_ratio), int(canonical_scale), int(canonical_level), bool(aligned))
+    features = list(features)
+    size = _pair(output_size)
+    scales = [float(s) for s in spatial_scales]
+    _check(features, rois, size, scales)
+    return torch.ops.frcnn.multiscale_roi_align(features, rois, size, scales, int(sampling_ratio),
+                                                int(canonical_scale), int(canonical_level), bool(aligned))
+
+
+def _check(features: list[Tensor], rois: Tensor, size: list[int], scales: list[float]) -> None:
+    fn = "multiscale_roi_align"
+    if not features:
+        raise ValueError(f"{fn}: features must be a non-empty list of (N, C, Hl, Wl) maps, got none")
+    check = check_roi_args(fn, features[0], rois, size, input_name="features[0]")
+    for i, f in enumerate(features[1:], 1):
+        # N and C must agree with features[0]; each level has its own H, W
+        check.tensor(f"features[{i}]", f, ("N", "C", f"H{i}", f"W{i}"), kinds="f")
+        if f.dtype != features[0].dtype:
+            check.fail(f"features[{i}] must have the dtype of features[0] ({features[0].dtype}), got {f.dtype}")
+    if len(scales) != len(features):
+        check.fail(f"spatial_scales must have one scale per map ({len(features)}), got {len(scales)}: {scales}")
+    for s in scales:
+        if not (s > 0 and math.log2(s).is_integer()):
+            check.fail(f"spatial_scales must be powers of 2 (1/stride, e.g. 0.25), got {scales}")

@@ -19,12 +19,19 @@ are compacted, so later tiles never look at dead boxes. Work is about (kept x al
 same as the greedy C++ loop, but in vectorised blocks that are deliberately kept serial (see
 _TILE): NMS is a chain of small dependent steps, where thread-pool barriers cost more than
 they save.
+
+Low-precision boxes (float16, bfloat16) are compared in float32, as torchvision's NMS under
+autocast: IoUs near the threshold decide differently in bfloat16 (8 significant bits), so the
+kept set would depend on the dtype. Under torch.autocast the op itself runs in float32.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from model.ops._checks import ArgChecker
+from model.ops._precision import LOW_FLOATS, register_float32_autocast
 
 __all__ = ["nms", "batched_nms"]
 
@@ -109,6 +116,8 @@ def _nms_impl(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor 
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     if not boxes.is_floating_point():
         boxes = boxes.to(torch.get_default_dtype())
+    elif boxes.dtype in LOW_FLOATS:
+        boxes = boxes.float()  # exact: every float16 / bfloat16 value is a float32 value
     order = torch.sort(scores, descending=True, stable=True).indices
     b = boxes.index_select(0, order)
     # (5, N) rows x1, y1, x2, y2, area: each row contiguous for the broadcasts in _pair_iou
@@ -166,7 +175,8 @@ def _batched_nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: 
     order = torch.argsort(idxs, stable=True)
     kept = [part[_nms_impl(boxes[part], scores[part], iou_threshold, None)]
             for part in torch.split(order, counts.tolist())]
-    keep = torch.cat(kept)
+    # index order first, so that score ties come out in index order, as from the masked pass
+    keep = torch.sort(torch.cat(kept)).values
     return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
 
 
@@ -176,19 +186,36 @@ def _(boxes, scores, idxs, iou_threshold):
     return boxes.new_empty((k,), dtype=torch.int64)
 
 
+# Under autocast: float32 boxes and scores (torchvision's nms_autocast); the indices need no cast back.
+register_float32_autocast("nms", None)
+register_float32_autocast("batched_nms", None)
+
+
 # --- public API ---------------------------------------------------------------------------------
+
+
+def _check(fn: str, boxes, scores, idxs=None) -> None:
+    check = ArgChecker(fn)
+    check.tensor("boxes", boxes, ("N", 4))
+    check.tensor("scores", scores, ("N",))
+    if idxs is not None:
+        check.tensor("idxs", idxs, ("N",), kinds="i")
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Greedy non-maximum suppression.
 
     Args:
-        boxes (Tensor[N, 4]): (x1, y1, x2, y2); integer boxes are compared in float.
+        boxes (Tensor[N, 4]): (x1, y1, x2, y2); integer, float16 and bfloat16 boxes are
+            compared in float32.
         scores (Tensor[N]).
         iou_threshold: a box is discarded when IoU > iou_threshold with a kept, higher-scored box.
     Returns:
         Tensor[K] int64: indices of kept boxes, sorted by decreasing score.
+    Raises:
+        ValueError: boxes not (N, 4), scores not (N,), or on different devices.
     """
+    _check("nms", boxes, scores)
     return torch.ops.frcnn.nms(boxes, scores, float(iou_threshold))
 
 
@@ -196,8 +223,11 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     """NMS independently per value of idxs (class-wise).
 
     Args:
-        boxes (Tensor[N, 4]), scores (Tensor[N]), idxs (Tensor[N] int64): category of each box.
+        boxes (Tensor[N, 4]), scores (Tensor[N]), idxs (Tensor[N] integer): category of each box.
     Returns:
         Tensor[K] int64: indices of kept boxes, sorted by decreasing score.
+    Raises:
+        ValueError: boxes not (N, 4), scores or idxs not (N,), idxs not integer, or mixed devices.
     """
+    _check("batched_nms", boxes, scores, idxs)
     return torch.ops.frcnn.batched_nms(boxes, scores, idxs, float(iou_threshold))

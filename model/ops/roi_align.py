@@ -20,6 +20,11 @@ the same row (column) are merged first, so S is bounded by the pixels a bin cove
 padded to the chunk's largest grid (padding taps get weight 0).
 
 Backward is the transpose: each tap scatters weight * grad of its bin (embedding_bag's backward).
+
+float16 / bfloat16 features are computed in float32 (sample positions, bilinear weights and the
+sums) and the result cast back, as torchvision's autocast kernel does: in bfloat16 the sample
+positions alone are off by up to 1/128 of their value, which moved outputs by 0.05. The same
+holds under torch.autocast, where the op gets float32 inputs and casts its output back.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from model.ops._checks import ArgChecker
+from model.ops._precision import compute_dtype, register_float32_autocast
 
 __all__ = ["roi_align"]
 
@@ -225,6 +233,10 @@ def _backward(grad: Tensor, rois: Tensor, input_shape: Sequence[int], output_siz
 @torch.library.custom_op("frcnn::roi_align", mutates_args=())
 def _roi_align_op(input: Tensor, rois: Tensor, output_size: Sequence[int], spatial_scale: float,
                   sampling_ratio: int, aligned: bool) -> Tensor:
+    work = compute_dtype(input.dtype)
+    if work != input.dtype:  # float16 / bfloat16: float32 maths, result cast back
+        return _forward(input.to(work), rois, output_size, spatial_scale, sampling_ratio,
+                        aligned).to(input.dtype)
     return _forward(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
 
 
@@ -237,6 +249,10 @@ def _(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
 def _roi_align_backward_op(grad: Tensor, rois: Tensor, input_shape: Sequence[int],
                            output_size: Sequence[int], spatial_scale: float, sampling_ratio: int,
                            aligned: bool) -> Tensor:
+    work = compute_dtype(grad.dtype)
+    if work != grad.dtype:
+        return _backward(grad.to(work), rois, input_shape, output_size, spatial_scale, sampling_ratio,
+                         aligned).to(grad.dtype)
     return _backward(grad, rois, input_shape, output_size, spatial_scale, sampling_ratio, aligned)
 
 
@@ -258,6 +274,8 @@ def _grad(ctx, grad):
 
 
 _roi_align_op.register_autograd(_grad, setup_context=_setup_context)
+# under autocast: float32 input and RoIs, the output cast back to the input's dtype (torchvision)
+register_float32_autocast("roi_align", lambda out, dtype: out.to(dtype))
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -265,6 +283,16 @@ _roi_align_op.register_autograd(_grad, setup_context=_setup_context)
 
 def _pair(size: int | Sequence[int]) -> list[int]:
     return [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
+
+
+def check_roi_args(fn: str, input: Tensor, rois: Tensor, output_size: Sequence[int],
+                   input_name: str = "input") -> ArgChecker:
+    """The checks roi_align, roi_pool and multiscale_roi_align share."""
+    check = ArgChecker(fn)
+    check.tensor(input_name, input, ("N", "C", "H", "W"), kinds="f")
+    check.tensor("rois", rois, ("K", 5))
+    check.output_size("output_size", output_size)
+    return check
 
 
 def roi_align(input: Tensor, rois: Tensor, output_size: int | Sequence[int], spatial_scale: float = 1.0,
@@ -279,7 +307,12 @@ def roi_align(input: Tensor, rois: Tensor, output_size: int | Sequence[int], spa
         sampling_ratio: points per bin side; <= 0 means adaptive ceil(roi_side / output_side).
         aligned: shift by -0.5 pixel so that pixel centres line up (Detectron2 behaviour).
     Returns:
-        Tensor[K, C, oh, ow], input dtype. Differentiable wrt input.
+        Tensor[K, C, oh, ow], input dtype (float16 / bfloat16 input is computed in float32).
+        Differentiable wrt input.
+    Raises:
+        ValueError: input not (N, C, H, W) floating, rois not (K, 5), output_size not two
+            positive ints, or rois on another device.
     """
-    return torch.ops.frcnn.roi_align(input, rois, _pair(output_size), float(spatial_scale),
-                                     int(sampling_ratio), bool(aligned))
+    size = _pair(output_size)
+    check_roi_args("roi_align", input, rois, size)
+    return torch.ops.frcnn.roi_align(input, rois, size, float(spatial_scale), int(sampling_ratio), bool(aligned))

@@ -11,6 +11,11 @@ The op returns (output, argmax) like torchvision's: argmax is the flat spatial i
 the max in the RoI's image (-1 for empty bins), which backward routes the gradient to.
 Vectorised by gathering every bin's window, padded to the chunk's largest bin, from the
 channels-last map and reducing with max (first maximum in row-major order, as the C++ loop).
+
+float16 / bfloat16 input: the bin geometry is computed in float32 (bfloat16 RoI corners times
+spatial_scale round to other pixels); the max itself is exact in any dtype, so the values are
+read in the input dtype. Backward accumulates in float32. Under torch.autocast the op runs in
+float32 and its output is cast back to the input's dtype, as torchvision's.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from model.ops.roi_align import _channels_last, _chunks, _pair
+from model.ops._precision import compute_dtype, register_float32_autocast
+from model.ops.roi_align import _channels_last, _chunks, _pair, check_roi_args
 
 __all__ = ["roi_pool"]
 
@@ -51,7 +57,7 @@ def _forward(input: Tensor, rois: Tensor, output_size: Sequence[int], spatial_sc
     arg = torch.full((k, oh, ow, c), -1, dtype=torch.int64, device=input.device)
     if k == 0 or input.numel() == 0:
         return out.permute(0, 3, 1, 2).contiguous(), arg.permute(0, 3, 1, 2).contiguous()
-    dtype = input.dtype
+    dtype = compute_dtype(input.dtype)
     corners = _round_half_away(rois[:, 1:].to(dtype) * spatial_scale)  # (K, 4) x1, y1, x2, y2
     roi_w = (corners[:, 2] - corners[:, 0] + 1).clamp(min=1)
     roi_h = (corners[:, 3] - corners[:, 1] + 1).clamp(min=1)
@@ -118,7 +124,8 @@ def _(input, rois, output_size, spatial_scale):
 @torch.library.custom_op("frcnn::roi_pool_backward", mutates_args=())
 def _roi_pool_backward_op(grad: Tensor, argmax: Tensor, rois: Tensor, input_shape: Sequence[int]
                           ) -> Tensor:
-    return _backward(grad, argmax, rois, input_shape)
+    work = compute_dtype(grad.dtype)  # float16 / bfloat16: sums of bin gradients in float32
+    return _backward(grad.to(work), argmax, rois, input_shape).to(grad.dtype)
 
 
 @_roi_pool_backward_op.register_fake
@@ -139,6 +146,7 @@ def _grad(ctx, grad, _grad_argmax):
 
 
 _roi_pool_op.register_autograd(_grad, setup_context=_setup_context)
+register_float32_autocast("roi_pool", lambda out, dtype: (out[0].to(dtype), out[1]))
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -155,5 +163,10 @@ def roi_pool(input: Tensor, rois: Tensor, output_size: int | Sequence[int], spat
         spatial_scale: feature pixels per image pixel (1/stride).
     Returns:
         Tensor[K, C, oh, ow], input dtype; empty bins are 0. Differentiable wrt input.
+    Raises:
+        ValueError: input not (N, C, H, W) floating, rois not (K, 5), output_size not two
+            positive ints, or rois on another device.
     """
-    return torch.ops.frcnn.roi_pool(input, rois, _pair(output_size), float(spatial_scale))[0]
+    size = _pair(output_size)
+    check_roi_args("roi_pool", input, rois, size)
+    return torch.ops.frcnn.roi_pool(input, rois, size, float(spatial_scale))[0]
