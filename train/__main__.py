@@ -99,12 +99,12 @@ def _shortcuts(a: argparse.Namespace) -> dict:
 
 def new_run_spec(a: argparse.Namespace, p: argparse.ArgumentParser):
     """The RunSpec of a new run from fit's arguments (p reports usage errors)."""
+    if not a.data or not a.out:
+        p.error("--data and --out are required (or --resume RUN_DIR)")
     from train.data import DataSpec
     from train.run import make_spec
     from train.schemes import parse_patterns
 
-    if not a.data or not a.out:
-        p.error("--data and --out are required (or --resume RUN_DIR)")
     overrides = [o for group in a.overrides for o in group]
     if a.score_threshold is not None:
         overrides.append(f"roi_heads.score_thresh={a.score_threshold}")

@@ -102,10 +102,35 @@ def test_overrides_are_typed_and_checked():
     assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
 
 
+# Parameters with 91 classes. torchvision's published num_params for its detection builders; the
+# others from torchvision's classifiers by hand. Frozen batch norm keeps its affine as buffers (as in
+# torchvision detection), so ResNet-101's 17 extra bottlenecks add their convs but not 3 BNs each
+# (256 + 256 + 1024 channels, weight and bias).
+PRESET_PARAMS = {
+    "resnet50_fpn": 41_755_286,
+    "resnet101_fpn": 41_755_286 + (44_549_160 - 25_557_032) - 17 * 2 * (256 + 256 + 1024),
+    "mobilenet_v3_large_fpn": 19_386_354,
+    "mobilenet_v3_large_320_fpn": 19_386_354,
+    # VGG16 (138,357,544) without fc8 (4096*1000 + 1000); RPN: 3x3 conv 512->512, 9 objectness
+    # logits and 36 deltas from 512; predictor: 91 scores and 364 deltas from 4096.
+    "vgg16_c4": 138_357_544 - 4_097_000 + (512 * 9 * 512 + 512) + (512 * 9 + 9) + (512 * 36 + 36)
+    + (4096 * 91 + 91) + (4096 * 364 + 364),
+    "tiny": 1_732_470,  # our own backbone: no outside reference, the count as built when the preset was fixed
+}
+
+
 @pytest.mark.parametrize("name", PRESETS)
-def test_every_preset_builds(name):
-    net = build_model(preset(name, num_classes=3))
-    assert sum(p.numel() for p in net.parameters()) > 0
+def test_every_preset_builds_with_its_reference_size_and_runs(name):
+    net = build_model(preset(name, num_classes=91)).eval()
+    assert sum(p.numel() for p in net.parameters()) == PRESET_PARAMS[name]
+    with torch.no_grad():
+        raw = net(torch.zeros(1, 3, 128, 160), torch.tensor([[128, 160]]))
+    R = raw.batch_idx.numel()
+    assert 0 < R <= net.config.rpn.post_nms_top_n_test and raw.batch_idx.eq(0).all()
+    assert raw.scores.shape == (R, 91) and raw.boxes.shape == (R, 91, 4)
+    torch.testing.assert_close(raw.scores.sum(1), torch.ones(R))  # softmax over the classes
+    assert raw.boxes[..., 0::2].min() >= 0 and raw.boxes[..., 0::2].max() <= 160  # clipped to the image
+    assert raw.boxes[..., 1::2].min() >= 0 and raw.boxes[..., 1::2].max() <= 128
 
 
 def test_checkpoint_round_trip(tmp_path):
