@@ -1,5 +1,6 @@
 """RUN_DIR files: atomic checkpoint swaps, weights_only training state, metrics and plot."""
 
+import dataclasses
 import random
 
 import numpy as np
@@ -66,3 +67,20 @@ def test_metrics_and_plot(tmp_path):
     assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run_state.write_config(tmp_path, {"a": (1, 2)})
     assert (tmp_path / "config.json").read_text().startswith("{")
+
+
+def test_recorded_spec_round_trips_and_reads_the_old_init_key(tmp_path):
+    from train.data import DataSpec
+    from train.run import make_spec, recorded_spec
+
+    spec = make_spec(data=DataSpec(source="synthetic-shapes"), out="elsewhere", preset="tiny", seed=3,
+                     overrides=["train.epochs=5", "rpn.nms_thresh=0.6"], checkpoint="ckpts/a")
+    record = spec.to_dict()
+    run_state.write_config(tmp_path, {"run": record})
+    again = recorded_spec(tmp_path, ["max_iters=9"], device="cpu")
+    assert again == dataclasses.replace(spec, out=str(tmp_path), device="cpu",
+                                        train=dataclasses.replace(spec.train, max_iters=9))
+    assert (again.train.epochs, again.model_overrides, again.seed) == (5, ("rpn.nms_thresh=0.6",), 3)
+    record["init"] = record.pop("checkpoint")  # config.json of a run recorded before --checkpoint
+    run_state.write_config(tmp_path, {"run": record})
+    assert recorded_spec(tmp_path).checkpoint == "ckpts/a"
