@@ -45,9 +45,9 @@ class ArgChecker:
             self.fail(f"{name} must be a Tensor of shape {_fmt(pattern)}, got {type(t).__name__}")
         self._shape(name, t, pattern)
         kind = "f" if t.is_floating_point() else ("i" if not t.is_complex() and t.dtype != torch.bool else "")
-        if kind not in kinds:
-            want = {"f": "floating", "i": "integer", "fi": "floating or integer"}[kinds]
-            self.fail(f"{name} must be a {want} tensor, got {t.dtype}")
+        if not kind or kind not in kinds:
+            want = {"f": "a floating", "i": "an integer", "fi": "a floating or integer"}[kinds]
+            self.fail(f"{name} must be {want} tensor, got {t.dtype}")
         if self.device is None:
             self.device = (t.device, name)
         elif t.device != self.device[0]:

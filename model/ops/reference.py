@@ -84,11 +84,12 @@ def roi_align_reference(input: Tensor, rois: Tensor, output_size: Sequence[int],
         input (Tensor[N, C, H, W]), rois (Tensor[K, 5]) (batch_idx, x1, y1, x2, y2): as roi_align.
         output_size (oh, ow), spatial_scale, sampling_ratio (<= 0: adaptive), aligned: as roi_align.
     Returns:
-        Tensor[K, C, oh, ow] float64: the value the kernel approximates in its own dtype.
+        Tensor[K, C, oh, ow] float64: the value the kernel approximates in its own dtype;
+        differentiable wrt input (the gradient the kernel's backward approximates).
     """
     oh, ow = output_size
     _, c, h, w = input.shape
-    x = input.detach().double().cpu()
+    x = input.double().cpu()
     out = torch.zeros(rois.shape[0], c, oh, ow, dtype=torch.float64)
     offset = 0.5 if aligned else 0.0
     for k, (b, rx1, ry1, rx2, ry2) in enumerate(rois.double().cpu().tolist()):
