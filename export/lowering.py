@@ -160,6 +160,38 @@ def batched_nms(boxes, scores, idxs, iou_threshold: float):
     return nms(shifted, scores, iou_threshold)
 
 
+def batched_nms_by_image(boxes, scores, idxs, groups_per_image: int, iou_threshold: float):
+    """frcnn_export::batched_nms_by_image -> one NonMaxSuppression with the batch's images on its
+    batch dimension (image = idxs // groups_per_image) and the groups inside an image by offsets.
+
+    boxes Tensor[N, 4], scores Tensor[N] in [0, 1], idxs Tensor[N] int64 -> Tensor[n] int64, image by
+    image, each in decreasing score. Every batch item sees all N boxes but only its own image's
+    scores; the others get -1, under the score threshold, so NMS filters them before it counts
+    candidates (TensorRT's INMSLayer: at most 5000 per batch item, after the score filter). The
+    selected box index is then directly the index into the N inputs.
+    """
+    image = op.Div(idxs, op.Constant(value_int=int(groups_per_image)))  # (N,) int64, idxs >= 0: floor
+    # batch items 0..max(image); a 0 appended so an empty input still gives one (empty) item
+    num = op.Add(op.ReduceMax(op.Concat(image, _i64([0]), axis=0), keepdims=1), _i64([1]))  # (1,)
+    items = op.Range(op.Constant(value_int=0), op.Squeeze(num), op.Constant(value_int=1))  # (B,)
+    mine = op.Equal(op.Unsqueeze(items, _i64([1])), op.Unsqueeze(image, _i64([0])))  # (B, N)
+    batch_scores = op.Where(mine, op.Unsqueeze(scores, _i64([0])), op.Constant(value_float=-1.0))
+    max_coord = op.ReduceMax(op.Concat(op.Reshape(boxes, _i64([-1])), op.Constant(value_floats=[0.0]), axis=0),
+                             keepdims=0)
+    offset = op.Mul(op.Cast(idxs, to=1), op.Add(max_coord, op.Constant(value_float=1.0)))  # (N,)
+    shifted = op.Add(boxes, op.Unsqueeze(offset, _i64([1])))  # (N, 4), groups never overlap
+    batch_boxes = op.Expand(op.Unsqueeze(shifted, _i64([0])), op.Concat(num, _i64([1, 4]), axis=0))  # (B, N, 4)
+    selected = op.NonMaxSuppression(
+        batch_boxes,
+        op.Unsqueeze(batch_scores, _i64([1])),  # (B, 1, N)
+        op.Constant(value_ints=[_NMS_KEEP_ALL]),
+        op.Constant(value_floats=[float(iou_threshold)]),
+        op.Constant(value_floats=[-0.5]),  # drops the other images' -1 scores, keeps every real score
+        center_point_box=0,
+    )  # (n, 3): (batch item, class 0, box), by item, each in selection (decreasing score) order
+    return op.Squeeze(_col(selected, 2, 3), _i64([1]))
+
+
 def box_area(boxes):
     """Tensor[N, 4] -> Tensor[N]."""
     w = op.Sub(_col(boxes, 2, 3), _col(boxes, 0, 1))
@@ -241,7 +273,8 @@ def translation_table() -> dict[Callable, Callable]:
     import export.wrappers  # noqa: F401  (registers torch.ops.frcnn_export.*)
     import model.ops  # noqa: F401  (registers torch.ops.frcnn.*)
 
-    table = {torch.ops.frcnn_export.nonzero_1d.default: nonzero_1d}
+    table = {torch.ops.frcnn_export.nonzero_1d.default: nonzero_1d,
+             torch.ops.frcnn_export.batched_nms_by_image.default: batched_nms_by_image}
     for name, fn in _LOWERINGS.items():
         packet = getattr(torch.ops.frcnn, name, None)
         if packet is not None:

@@ -24,7 +24,7 @@ import onnx
 import torch
 
 from export.lowering import translation_table
-from export.wrappers import NmsGraph, RawGraph
+from export.wrappers import NmsGraph, RawGraph, route_rpn_nms
 from runtime import contract
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,10 @@ def build_graph(net: torch.nn.Module, cfg, class_names: list[str], *, opset: int
         exported = torch.export.export(wrapper.eval(), _example_inputs(sd), dynamic_shapes=_dynamic_shapes(sd),
                                        strict=False)
         _drop_runtime_asserts(exported)
+        # the RPN's NMS with images on NonMaxSuppression's batch dimension (one group per FPN level)
+        levels = len(net.rpn.anchor_generator.num_anchors_per_location())
+        if route_rpn_nms(exported, levels) != 1:
+            raise RuntimeError("expected exactly one RPN batched_nms call in the traced detector")
         t1 = time.perf_counter()
         program = torch.onnx.export(
             exported,
@@ -207,9 +211,12 @@ def export_onnx(checkpoint_dir: str | Path, out_path: str | Path, *, opset: int 
     onnx.helper.set_model_props(proto, props)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}.", suffix=".onnx.part", dir=out_path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}.part-", suffix=".onnx", dir=out_path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; a graph is read by other users (containers)
     try:
         onnx.save_model(proto, str(tmp_path))
         if verify:

@@ -157,7 +157,7 @@ def compare(reference: Pipeline, other: Pipeline, images: list, *, batch_size: i
     same = 0
     for idx in groups:
         batch = reference.collate([prepared[i] for i in idx])
-        raw_r, raw_o = reference.infer(batch), other.infer(batch)
+        raw_r, raw_o = _image_major(reference.infer(batch)), _image_major(other.infer(batch))
         if raw_r.scores.shape == raw_o.scores.shape and torch.equal(raw_r.batch_idx, raw_o.batch_idx):
             same += 1
             for name in ("scores", "boxes"):
@@ -173,6 +173,14 @@ def compare(reference: Pipeline, other: Pipeline, images: list, *, batch_size: i
         same_rois_batches=same,
     )
     return report, dets_r, dets_o  # type: ignore[return-value]
+
+
+def _image_major(raw):
+    """RoI rows stably sorted by image. Within an image every runtime keeps the same RoIs in the same
+    (score) order, across images not: eager NMS runs over the whole batch in score order, the
+    exported graph's image by image (images on NonMaxSuppression's batch dimension)."""
+    order = torch.sort(raw.batch_idx, stable=True).indices
+    return type(raw)(raw.batch_idx[order], raw.scores[order], raw.boxes[order])
 
 
 def failure_message(report: VerifyReport, model_path: str | Path, what: str = "exported graph") -> str:

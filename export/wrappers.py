@@ -26,6 +26,52 @@ def _(mask):
     return mask.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
 
 
+@torch.library.custom_op("frcnn_export::batched_nms_by_image", mutates_args=())
+def batched_nms_by_image(boxes: Tensor, scores: Tensor, idxs: Tensor, groups_per_image: int,
+                         iou_threshold: float) -> Tensor:
+    """frcnn::batched_nms with the image (idxs // groups_per_image) as NonMaxSuppression's batch
+    dimension once lowered (lowering.batched_nms_by_image): TensorRT's NMS layer bounds the candidates
+    per batch item (5000), so one batch item for the whole batch would drop proposals at B >= 2.
+
+    boxes Tensor[N, 4], scores Tensor[N] in [0, 1], idxs Tensor[N] int64 (image * groups_per_image +
+    group) -> Tensor[n] int64: the same kept set as frcnn::batched_nms, image by image, each image's
+    in decreasing score (what per-image top-n and rank-within-image need).
+    """
+    keep = torch.ops.frcnn.batched_nms(boxes, scores, idxs, iou_threshold)
+    image = torch.div(idxs[keep], groups_per_image, rounding_mode="floor")
+    return keep[torch.sort(image, stable=True).indices]
+
+
+@batched_nms_by_image.register_fake
+def _(boxes, scores, idxs, groups_per_image, iou_threshold):
+    return idxs.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
+
+
+def route_rpn_nms(exported: torch.export.ExportedProgram, groups_per_image: int) -> int:
+    """In a torch.export program of the detector, make the RPN's frcnn::batched_nms (groups: image *
+    levels + level) a batched_nms_by_image, so its lowering puts images on NMS's batch dimension.
+    Returns the number of calls rewritten. The model stays free of export concerns; the fake of both
+    ops is the same data-dependent size, so the traced shapes stay valid."""
+    count = 0
+    for node in exported.graph_module.graph.nodes:
+        if node.op != "call_function" or node.target != torch.ops.frcnn.batched_nms.default:
+            continue
+        stack = node.meta.get("nn_module_stack", {})  # {key: (module path, module type)}
+        if not any(_type_name(t) == "RPN" for _, t in stack.values()):
+            continue
+        boxes, scores, idxs, thr = node.args
+        node.target = torch.ops.frcnn_export.batched_nms_by_image.default
+        node.args = (boxes, scores, idxs, int(groups_per_image), thr)
+        count += 1
+    exported.graph_module.recompile()
+    return count
+
+
+def _type_name(t) -> str:
+    """A module type as nn_module_stack holds it (a class or its dotted name) -> its class name."""
+    return getattr(t, "__name__", None) or str(t).rstrip("'>").split(".")[-1]
+
+
 class RawGraph(nn.Module):
     """images [B, 3, H, W], image_sizes [B, 2] -> (batch_idx [R], scores [R, C], boxes [R, C, 4])."""
 
@@ -69,13 +115,14 @@ def padded_postprocess(
     keep = torch.ops.frcnn.remove_small_boxes(cand_boxes, min_size)
     cand_scores, cand_boxes = cand_scores[keep], cand_boxes[keep]
     cand_labels, cand_images = cand_labels[keep], cand_images[keep]
-    # one NMS over the batch: groups are (image, class) pairs; result sorted by decreasing score
-    keep = torch.ops.frcnn.batched_nms(cand_boxes, cand_scores, cand_images * c + cand_labels, nms_thresh)
+    # one NMS over the batch, images on NMS's batch dimension: groups are (image, class) pairs;
+    # result image by image, each in decreasing score
+    keep = batched_nms_by_image(cand_boxes, cand_scores, cand_images * c + cand_labels, c, nms_thresh)
     cand_scores, cand_boxes = cand_scores[keep], cand_boxes[keep]
     cand_labels, cand_images = cand_labels[keep], cand_images[keep]
 
-    # rank of each kept detection within its image, in score order: no sort needed, the NMS output
-    # is already in decreasing score; count earlier detections of the same image.
+    # rank of each kept detection within its image, in score order: no sort needed, each image's
+    # NMS output is already in decreasing score; count earlier detections of the same image.
     one_hot = (cand_images[:, None] == torch.arange(num_images, device=scores.device)[None]).long()  # (n, B)
     rank = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # (n,)
     within = nonzero_1d(rank < max_detections)

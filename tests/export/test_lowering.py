@@ -112,6 +112,37 @@ def test_nms_and_batched_nms_match_eager_in_order():
     assert [a.shape for a in got] == [(0,), (0,)]
 
 
+class _NmsByImage(torch.nn.Module):
+    def forward(self, boxes, scores, idxs):
+        from export.wrappers import batched_nms_by_image
+
+        return batched_nms_by_image(boxes, scores, idxs, 5, 0.7)
+
+
+def test_batched_nms_by_image_puts_images_on_the_nms_batch_dimension():
+    """Images (idxs // 5) as NonMaxSuppression batch items: the same kept set as frcnn::batched_nms,
+    image by image, each in decreasing score; empty images in between and at the end included."""
+    import onnx
+
+    g = torch.Generator().manual_seed(5)
+    boxes = _random_boxes(600, 300.0, g, max_side=80.0)
+    scores = torch.rand(600, generator=g)
+    image = torch.tensor([0] * 250 + [2] * 200 + [3] * 150)  # image 1 (and 4) have no boxes
+    idxs = image * 5 + torch.randint(0, 5, (600,), generator=g)
+    dyn = ({0: Dim("N")}, {0: Dim("N")}, {0: Dim("N")})
+    got, = _run_onnx(_NmsByImage(), (boxes, scores, idxs), dyn)
+    want = torch.ops.frcnn.batched_nms(boxes, scores, idxs, 0.7)
+    assert sorted(got.tolist()) == sorted(want.tolist())
+    got = torch.from_numpy(got)
+    assert torch.equal(image[got], image[got].sort().values)  # image by image
+    for i in (0, 2, 3):
+        mine = got[image[got] == i]
+        assert torch.equal(mine, want[image[want] == i])  # each image in eager's (score) order
+    empty = (torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+    got, = _run_onnx(_NmsByImage(), (boxes, scores, idxs), dyn, feeds=empty)
+    assert got.shape == (0,)
+
+
 class _BoxOps(torch.nn.Module):
     def forward(self, boxes, other, sizes):
         return (torch.ops.frcnn.box_area(boxes), torch.ops.frcnn.box_iou(boxes, other),

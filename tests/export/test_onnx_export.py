@@ -48,7 +48,7 @@ def test_graph_is_checked_folded_and_declares_the_contract(tiny_onnx):
     foldable = [n.op_type for n in m.graph.node
                 if n.op_type != "Constant" and n.input and all(i in constant or i == "" for i in n.input)]
     assert foldable == []
-    assert len(m.graph.node) < 700  # the whole tiny detector, dynamic shapes included
+    assert len(m.graph.node) < 720  # the whole tiny detector, dynamic shapes included
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 4])
@@ -66,16 +66,26 @@ def test_any_batch_size_and_image_size_matches_eager(tiny_net, tiny_onnx, batch_
     assert report.max_abs_diff["scores"] < 1e-4 and report.max_abs_diff["boxes"] < 1e-2
 
 
-def test_raw_outputs_equal_eager_on_a_padded_batch(tiny_net, tiny_onnx):
+def _image_major(raw):
+    """Rows stably sorted by image: the graph's RPN NMS runs image by image (images on
+    NonMaxSuppression's batch dimension), eager's over the whole batch in score order; within each
+    image both keep the same RoIs in the same order."""
+    order = torch.sort(raw.batch_idx, stable=True).indices
+    return type(raw)(raw.batch_idx[order], raw.scores[order], raw.boxes[order])
+
+
+@pytest.mark.parametrize("sizes", [[(300, 500), (520, 260), (410, 410)],
+                                   [(300, 500), (520, 260), (410, 410), (333, 517)]])
+def test_raw_outputs_equal_eager_on_a_padded_batch(tiny_net, tiny_onnx, sizes):
     net, meta = tiny_net
-    batch = preprocess(synthetic_images([(300, 500), (520, 260), (410, 410)], seed=7), meta.config.transform)
+    batch = preprocess(synthetic_images(sizes, seed=7), meta.config.transform)
     h, w = batch.images.shape[-2:]
-    assert h % 32 == 0 and w % 32 == 0 and len({tuple(s) for s in batch.image_sizes.tolist()}) == 3  # padded
+    assert h % 32 == 0 and w % 32 == 0 and len({tuple(s) for s in batch.image_sizes.tolist()}) == len(sizes)
     with torch.no_grad():
-        want = net(batch.images, batch.image_sizes)
+        want = _image_major(net(batch.images, batch.image_sizes))
     got = OnnxRuntimeBackend(tiny_onnx)(batch.images, batch.image_sizes)
     assert torch.equal(got.batch_idx, want.batch_idx)
-    assert sorted(set(got.batch_idx.tolist())) == [0, 1, 2]
+    assert sorted(set(got.batch_idx.tolist())) == list(range(len(sizes)))
     torch.testing.assert_close(got.scores, want.scores, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.boxes, want.boxes, rtol=1e-4, atol=1e-3)
 

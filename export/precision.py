@@ -1,0 +1,268 @@
+"""Precision is a property of the exported graph: an fp32 graph -> fp16 (mixed) or int8 (Q/DQ).
+
+    int8 = quantize_int8(fp32_path, out_path, calibration_feeds(pipe, images))
+    fp16 = convert_fp16(onnx.load(fp32_path))
+    set_precision(proto, "int8"); precision_of(proto) -> "int8"
+
+One graph serves every runtime: onnxruntime (CPU) runs it as is, and TensorRT 10/11 builds it as a
+strongly typed network (export/tensorrt.py), where the graph's own types and Q/DQ nodes decide the
+precision of every layer; no builder flags, no calibrator.
+
+What is reduced: the dense layers (Conv, Gemm) of the backbone, the FPN, the RPN's shared 3x3 conv
+and the box head (fc6, fc7): nearly all the FLOPs. What stays float (FLOAT_LAYERS, and every op that
+is not Conv/Gemm): the RPN's objectness and delta 1x1 convs and the box predictor (they rank
+proposals and classes, where rounding reorders near-equal scores), so box decoding, RoiAlign
+coordinates, the NMS inputs and the score softmax all compute in fp32 from fp32 inputs.
+
+int8 (onnxruntime.quantization, static, QDQ): per-channel symmetric int8 weights, per-tensor
+symmetric int8 activations (zero point 0, which TensorRT's explicit quantization requires),
+calibrated by MinMax over real images run through the project's own prepare/collate
+(runtime.Pipeline), one image per batch at its own padded size, as served. Chosen by measured box
+AP (README, "Precision"): on the shapes-trained tiny detector MinMax lost the least AP; Entropy and
+Percentile clip the large activations a detector's FPN carries and lost more.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+META_PRECISION = "frcnn.precision"  # graph metadata key; JSON string value, as every frcnn key
+# weights of layers kept float in reduced-precision graphs (substrings: BN folding renames weights
+# to e.g. "ConvMulFusion_W_net.rpn.head.cls_logits.weight")
+FLOAT_LAYERS = ("rpn.head.cls_logits", "rpn.head.bbox_pred", "roi_heads.box_predictor")
+DENSE_OPS = ("Conv", "Gemm")
+# ops whose inputs must be float (not dequantized int8, not fp16): the exact parts
+EXACT_OPS = ("RoiAlign", "NonMaxSuppression", "Softmax", "Exp", "TopK")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+def set_precision(proto: onnx.ModelProto, precision: str) -> None:
+    """Record `precision` in the graph metadata (replacing any earlier value)."""
+    import json
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    props = {p.key: p.value for p in proto.metadata_props}
+    props[META_PRECISION] = json.dumps(precision)
+    onnx.helper.set_model_props(proto, props)
+
+
+def precision_of(proto_or_props) -> str:
+    """"fp32" | "fp16" | "int8" from a ModelProto or a metadata dict (graphs without the key: fp32)."""
+    import json
+
+    props = proto_or_props
+    if isinstance(proto_or_props, onnx.ModelProto):
+        props = {p.key: p.value for p in proto_or_props.metadata_props}
+    return json.loads(props.get(META_PRECISION, '"fp32"'))
+
+
+def _initializer_names(graph: onnx.GraphProto) -> set[str]:
+    return {i.name for i in graph.initializer}
+
+
+def reduced_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the Conv/Gemm nodes a reduced-precision graph computes in int8 or fp16: every dense
+    layer with a weight initializer, except FLOAT_LAYERS."""
+    weights = _initializer_names(model.graph)
+    out = []
+    for n in model.graph.node:
+        if n.op_type not in DENSE_OPS or len(n.input) < 2 or n.input[1] not in weights:
+            continue
+        if any(part in n.input[1] for part in FLOAT_LAYERS):
+            continue
+        out.append(n.name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- int8
+
+def calibration_feeds(pipe, images: Iterable[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """(h, w, 3) uint8 images -> graph feeds, one image per batch, through pipe.prepare/collate (the
+    serving path: same resize, normalisation and padding)."""
+    feeds = []
+    for img in images:
+        batch = pipe.collate([pipe.prepare(img)])
+        feeds.append({"images": np.ascontiguousarray(batch.images.numpy(), dtype=np.float32),
+                      "image_sizes": np.ascontiguousarray(batch.image_sizes.numpy(), dtype=np.int64)})
+    if not feeds:
+        raise ValueError("int8 calibration needs at least one image")
+    return feeds
+
+
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, feeds: Sequence[dict[str, np.ndarray]], *,
+                  method: str = "minmax", nodes: Sequence[str] | None = None) -> Path:
+    """Static QDQ int8 of `fp32_path` calibrated on `feeds`; writes `out_path`.
+
+    nodes: the Conv/Gemm node names to quantize (default: reduced_nodes of the pre-processed graph).
+    """
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    if method not in methods:
+        raise ValueError(f"calibration method must be one of {sorted(methods)}, not {method!r}")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(feeds)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    out_path = Path(out_path)
+    with tempfile.TemporaryDirectory(prefix="frcnn_int8_") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        # onnxruntime's basic graph optimisations (BatchNorm folded into Conv, so the folded weight is
+        # what gets quantized per channel); symbolic shape inference cannot follow NonZero-sized dims
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        m = onnx.load(str(pre))
+        wanted = list(nodes) if nodes is not None else reduced_nodes(m)
+        quantize_static(
+            str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, op_types_to_quantize=list(DENSE_OPS),
+            nodes_to_quantize=wanted, calibrate_method=methods[method],
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                           # Conv outputs stay float unless a quantized op reads them: no Q/DQ before
+                           # the float-kept parts
+                           "OpTypesToExcludeOutputQuantization": list(DENSE_OPS)},
+        )
+    log.info("int8: %d of the dense layers quantized (%s calibration, %d images)", len(wanted), method, len(feeds))
+    return out_path
+
+
+# ---------------------------------------------------------------------------------------------- fp16
+
+# float ops that may join the fp16 region when every float input they read is fp16 already (the
+# activations between dense layers); anything else computes in fp32 behind a Cast
+_FP16_FOLLOWERS = ("Relu", "Add", "MaxPool", "BatchNormalization", "Mul", "Sigmoid", "Clip")
+
+
+def fp16_region(model: onnx.ModelProto) -> set[str]:
+    """Node names converted to fp16: reduced_nodes plus the elementwise ops fed only by them (or by
+    initializers). Everything else (FLOAT_LAYERS, RoiAlign, decoding, NMS, softmax) stays fp32."""
+    region = set(reduced_nodes(model))
+    consts = _initializer_names(model.graph)
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    produced_by = {o: n.name for n in model.graph.node for o in n.output}
+    changed = True
+    while changed:
+        changed = False
+        for n in model.graph.node:
+            if n.name in region or n.op_type not in _FP16_FOLLOWERS:
+                continue
+            srcs = [i for i in n.input if i and i not in consts]
+            if srcs and all(produced_by.get(i) in region for i in srcs):
+                region.add(n.name)
+                changed = True
+    return region
+
+
+def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Mixed fp16 graph (onnxconverter-common, keep_io_types: inputs and outputs stay float32)."""
+    from onnxconverter_common import float16
+
+    region = fp16_region(model)
+    block = [n.name for n in model.graph.node if n.name not in region]
+    originals = {i.name: onnx.TensorProto.FromString(i.SerializeToString()) for i in model.graph.initializer
+                 if i.data_type == onnx.TensorProto.FLOAT}
+    out = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=block,
+                                           disable_shape_infer=True, check_fp16_ready=False)
+    restored = _restore_float_initializers(out.graph, originals)
+    log.info("fp16: %d nodes in fp16, %d kept fp32 (%d weights kept fp32)", len(region), len(block), restored)
+    return out
+
+
+def _restore_float_initializers(graph: onnx.GraphProto, originals: dict[str, onnx.TensorProto]) -> int:
+    """The converter turns every float initializer to fp16, and a kept-fp32 node then reads
+    Cast(fp16 -> fp32) of it: its weights rounded to fp16, and -inf (the padding-anchor mask) clamped
+    to -10000. Give those readers the original fp32 tensor instead; returns how many were restored."""
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    drop, rename, added = [], {}, set()
+    for n in graph.node:
+        if n.op_type != "Cast" or _attr(n, "to") != onnx.TensorProto.FLOAT or n.input[0] not in originals:
+            continue
+        name = n.input[0]
+        if inits.get(name) is None or inits[name].data_type != onnx.TensorProto.FLOAT16:
+            continue
+        fp32_name = f"{name}__fp32"
+        if fp32_name not in added:
+            t = onnx.TensorProto.FromString(originals[name].SerializeToString())
+            t.name = fp32_name
+            graph.initializer.append(t)
+            added.add(fp32_name)
+        rename[n.output[0]] = fp32_name
+        drop.append(n)
+    for n in drop:
+        graph.node.remove(n)
+    for n in graph.node:
+        for k, i in enumerate(n.input):
+            if i in rename:
+                n.input[k] = rename[i]
+    for o in graph.output:
+        if o.name in rename:
+            raise ValueError(f"graph output {o.name} is a constant")
+    used = {i for n in graph.node for i in n.input}
+    for t in [t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16 and t.name not in used]:
+        graph.initializer.remove(t)
+    return len(added)
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+def exact_parts_problems(model: onnx.ModelProto) -> list[str]:
+    """Reasons the exact parts are not float: an EXACT_OPS node or a FLOAT_LAYERS layer reading a
+    dequantized int8 tensor or a non-fp32 value. Empty list: they compute in fp32."""
+    produced = {o: n for n in model.graph.node for o in n.output}
+    value_types = {v.name: v.type.tensor_type.elem_type
+                   for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    weights = _initializer_names(model.graph)
+    problems = []
+    for n in model.graph.node:
+        float_layer = (n.op_type in DENSE_OPS and len(n.input) > 1
+                       and any(p in _weight_name(n.input[1], produced) for p in FLOAT_LAYERS))
+        if n.op_type not in EXACT_OPS and not float_layer:
+            continue
+        # RoiAlign's features may be reduced; its boxes and batch indices may not
+        inputs = n.input[1:] if n.op_type == "RoiAlign" else n.input
+        for name in inputs:
+            if not name or name in weights:
+                continue
+            src = produced.get(name)
+            if src is not None and src.op_type == "DequantizeLinear":
+                problems.append(f"{n.op_type} {n.name} reads dequantized {name}")
+            elif value_types.get(name, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT16:
+                problems.append(f"{n.op_type} {n.name} reads fp16 {name}")
+            elif src is not None and src.op_type == "Cast" and _attr(src, "to") == onnx.TensorProto.FLOAT16:
+                problems.append(f"{n.op_type} {n.name} reads fp16 {name}")
+    return problems
+
+
+def _weight_name(name: str, produced: dict) -> str:
+    """A weight input's initializer name, looking through a DequantizeLinear (QDQ weights)."""
+    src = produced.get(name)
+    if src is not None and src.op_type == "DequantizeLinear":
+        return src.input[0]
+    return name
+
+
+def _attr(node: onnx.NodeProto, key: str):
+    for a in node.attribute:
+        if a.name == key:
+            return onnx.helper.get_attribute_value(a)
+    return None
