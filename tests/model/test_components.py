@@ -102,10 +102,11 @@ def test_overrides_are_typed_and_checked():
     assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
 
 
-# Parameters with 91 classes. torchvision's published num_params for its detection builders; the
-# others from torchvision's classifiers by hand. Frozen batch norm keeps its affine as buffers (as in
-# torchvision detection), so ResNet-101's 17 extra bottlenecks add their convs but not 3 BNs each
-# (256 + 256 + 1024 channels, weight and bias).
+# Parameters with 91 classes. The FPN presets: torchvision 0.28's FasterRCNN built with frozen batch
+# norm (as its builders do for pretrained weights; the affine then is buffers, not parameters),
+# counted in the reference venv: resnet50_fpn 41,755,286 (also the published num_params),
+# resnet101_fpn 60,695,190, mobilenet_v3 19,386,354. ResNet-101's figure is also ResNet-50's plus
+# the classifiers' difference less the 17 extra bottlenecks' 3 batch norms (256 + 256 + 1024 channels).
 PRESET_PARAMS = {
     "resnet50_fpn": 41_755_286,
     "resnet101_fpn": 41_755_286 + (44_549_160 - 25_557_032) - 17 * 2 * (256 + 256 + 1024),
