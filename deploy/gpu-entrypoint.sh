@@ -3,7 +3,7 @@
 # GPU and TensorRT version (engines are not portable across either), then run the command (the
 # image's CMD, `python -m server`) with FRCNN_MODEL pointing at the engine.
 #
-# The engine is built once and cached in FRCNN_CACHE_DIR/engines, keyed by model content, GPU
+# The engine is built once and cached in EXPORT_CACHE_DIR/engines, keyed by model content, GPU
 # model and TensorRT version; mount a volume there so restarts skip the build. Replicas sharing
 # the volume never read a half-written engine (build beside it, then rename).
 #   ENGINE_PRECISION=fp16 (default) | fp32
@@ -16,7 +16,7 @@ case "$model" in
     *.engine | *.plan) exec "$@" ;;
 esac
 
-cache="${FRCNN_CACHE_DIR:-/var/cache/frcnn}/engines"
+cache="${EXPORT_CACHE_DIR:-/var/cache/frcnn}/engines"
 mkdir -p "$cache"
 precision="${ENGINE_PRECISION:-fp16}"
 case "$precision" in

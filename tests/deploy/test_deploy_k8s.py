@@ -11,7 +11,7 @@ import shutil
 import kubernetes_validate
 import pytest
 import yaml
-from deploy_support import DEPLOY, env_file, load_all, yaml_files
+from deploy_support import DEPLOY, Dockerfile, env_file, load_all, yaml_files
 
 # Oldest Kubernetes minor still commonly run, and the newest the validator ships schemas for.
 K8S_VERSIONS = ["1.29", kubernetes_validate.latest_version()]
@@ -219,7 +219,9 @@ def test_volumes_match_settings(rendered):
         inits = [i for i in pod_spec(deploy).get("initContainers", [])
                  if any(m["name"] == vol for m in i.get("volumeMounts", []))]
         assert inits, f"{name}: nothing fills the model volume"
-        assert env["FRCNN_CACHE_DIR"] in mounts and not mounts[env["FRCNN_CACHE_DIR"]].get("readOnly")
+        # the entrypoints' export cache (an image ENV, not a server setting) is a writable volume
+        cache = Dockerfile(DEPLOY / ("Dockerfile.gpu" if name == "gpu" else "Dockerfile")).env()["EXPORT_CACHE_DIR"]
+        assert cache in mounts and not mounts[cache].get("readOnly"), f"{name}: export cache not writable"
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
         assert "/tmp" in mounts
         assert pod_spec(deploy)["securityContext"]["runAsNonRoot"] is True

@@ -1,0 +1,473 @@
+"""Build deploy/Dockerfile with podman and serve from the built image, the way a pod would run it.
+
+    python tools/image_check.py [--image localhost/frcnn:check] [--cache .cache/image] [--photos N]
+
+Needs root, podman and debootstrap (Debian packages). Steps:
+  1. base image localhost/debian-py:bookworm from Debian's packages (debootstrap), kept as a tarball
+     in --cache so the next run only imports it; no Docker Hub needed
+  2. `podman build --format docker` (HEALTHCHECK is not in the OCI format) with the local torch wheel
+     and CA bundle from pip's own configuration, mounted for the build only
+  3. in a private mount and network namespace (its own loopback, so the image's port 8000 is ours):
+     the image's filesystem (`podman image mount`) read-only under an overlay, the Kubernetes
+     Deployment's volumes (deploy/k8s/base) as the only writable paths, and every process run by
+     chroot as the image's USER with exactly the image's Env and WorkingDir:
+       - the Deployment's claims: user id, read-only root with the declared writable mounts, the
+         init container filling the model volume, probe paths and port
+       - ENTRYPOINT + CMD started, the image's HEALTHCHECK command polled until it passes
+       - real photos POSTed to /detect, answers compared with `python -m server` from this checkout
+       - SIGTERM while a request is in flight: the request is answered, the server exits 0
+       - a different checkpoint mounted: the entrypoint exports it into the cache volume and serves it
+  4. figures: build time, image size, time to ready
+
+`podman run` is not used: this sandbox refuses the OCI runtime's setrlimit. chroot + namespaces
+stand in for it; what the image declares (user, env, workdir, entrypoint, healthcheck) is applied
+from `podman image inspect`, not repeated here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_IMAGE = "localhost/debian-py:bookworm"
+DEBOOTSTRAP = ["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm"]
+PHOTOS = ROOT.parent / "shared" / "data" / "coco128" / "train2017"
+DEPLOYMENT = ROOT / "deploy" / "k8s" / "base" / "deployment.yaml"
+REF_PORT = 8001  # the checkout's server, beside the image's inside the private network namespace
+
+
+def log(msg: str) -> None:
+    print(f"image-check: {msg}", flush=True)
+
+
+def sh(*cmd: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), check=True, text=True, **kw)
+
+
+def podman(*args: str, **kw) -> str:
+    return sh("podman", *args, capture_output=True, **kw).stdout.strip()
+
+
+# --- 1, 2: base image and build ---------------------------------------------------------------------
+
+
+def ensure_base(cache: Path) -> str:
+    if subprocess.run(["podman", "image", "exists", BASE_IMAGE]).returncode == 0:
+        return "already in podman's storage"
+    tarball = cache / "debian-py-bookworm.tar"
+    t0 = time.perf_counter()
+    if not tarball.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            rootfs = Path(tmp) / "rootfs"
+            log(f"debootstrap {rootfs} (once; cached as {tarball})")
+            sh(*DEBOOTSTRAP, str(rootfs), stdout=subprocess.DEVNULL)
+            part = tarball.with_suffix(".part")
+            sh("tar", "-C", str(rootfs), "-cf", str(part), ".")
+            part.replace(tarball)
+    sh("podman", "import", str(tarball), BASE_IMAGE, stdout=subprocess.DEVNULL)
+    return f"imported from {tarball} in {time.perf_counter() - t0:.0f} s"
+
+
+def pip_setting(key: str) -> str | None:
+    """A value of pip's own configuration as the host's pip sees it (env var, config files)."""
+    env = os.environ.get("PIP_" + key.upper().replace("-", "_"))
+    if env:
+        return env
+    out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        name, _, value = line.partition("=")
+        if name.split(".")[-1] == key:
+            return value.strip().strip("'\"")
+    return None
+
+
+def build_args() -> list[str]:
+    """podman build options that feed the host's torch wheel and CA bundle to pip in the build."""
+    args = ["--build-arg", f"PYTHON_IMAGE={BASE_IMAGE}"]
+    links = [d for d in (pip_setting("find-links") or "").split() if list(Path(d).glob("torch-*.whl"))]
+    if links:
+        # the local CPU wheel (2.13.0+cpu sorts above the registry's 2.13.0) next to the registry
+        index = pip_setting("index-url") or "https://pypi.org/simple"
+        args += ["-v", f"{links[0]}:/wheels:ro", "--build-arg", "PIP_FIND_LINKS=/wheels",
+                 "--build-arg", f"TORCH_INDEX_URL={index}"]
+    cert = pip_setting("cert")
+    if cert and Path(cert).is_file():
+        args += ["-v", f"{cert}:/build-ca.crt:ro", "--build-arg", "PIP_CERT=/build-ca.crt"]
+    return args
+
+
+def build(image: str, model_name: str, logfile: Path) -> float:
+    cmd = ["podman", "build", "--isolation", "chroot", "--network", "host", "--format", "docker",
+           "-f", "deploy/Dockerfile", "--ignorefile", "deploy/Dockerfile.dockerignore",
+           "--build-arg", f"MODEL_NAME={model_name}", *build_args(), "-t", image, "."]
+    log(" ".join(cmd) + f"  (log: {logfile})")
+    t0 = time.perf_counter()
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with logfile.open("w") as fh:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        print("\n".join(logfile.read_text().splitlines()[-30:]), file=sys.stderr)
+        raise SystemExit(f"image-check: FAIL: podman build exited {rc}")
+    return time.perf_counter() - t0
+
+
+# --- 3: the image as a pod ----------------------------------------------------------------------------
+
+
+class Pod:
+    """The image's filesystem read-only, the Deployment's volumes, processes as the image's user."""
+
+    def __init__(self, image_root: Path, config: dict, work: Path):
+        self.config, self.work = config, work
+        self.user = config["User"]
+        self.uid, self.gid = (int(x) for x in self.user.split(":"))
+        self.root = work / "root"
+        upper, wd = work / "upper", work / "ovl-work"
+        for d in (self.root, upper, wd):
+            d.mkdir()
+        # an overlay, so mount points the image lacks (/model-volume) can be made before it goes
+        # read-only, as a container runtime makes them; upper/ shows anything else that was written
+        sh("mount", "-t", "overlay", "overlay", "-o", f"lowerdir={image_root},upperdir={upper},workdir={wd}",
+           str(self.root))
+        self.upper = upper
+
+    def prepare_mountpoints(self, paths: list[str]) -> None:
+        for p in paths:
+            (self.root / p.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        sh("mount", "-o", "remount,ro", str(self.root))
+        sh("mount", "-t", "proc", "proc", str(self.root / "proc"))
+        for sys_dir in ("dev", "sys"):
+            sh("mount", "--rbind", f"/{sys_dir}", str(self.root / sys_dir))
+
+    def mount(self, host_dir: Path, path: str, read_only: bool = False) -> None:
+        target = str(self.root / path.lstrip("/"))
+        sh("mount", "--bind", str(host_dir), target)
+        if read_only:
+            sh("mount", "-o", "remount,bind,ro", target)
+
+    def unmount(self, path: str) -> None:
+        sh("umount", str(self.root / path.lstrip("/")))
+
+    def env(self) -> list[str]:
+        env = list(self.config.get("Env") or [])
+        if not any(e.startswith("HOME=") for e in env):  # Docker sets HOME from the image's passwd
+            home = "/"
+            for line in (self.root / "etc" / "passwd").read_text().splitlines():
+                f = line.split(":")
+                if f[2] == str(self.uid):
+                    home = f[5]
+            env.append(f"HOME={home}")
+        return env
+
+    def argv(self, cmd: list[str], extra_env: list[str] = ()) -> list[str]:
+        return ["chroot", f"--userspec={self.user}", f"--groups={self.gid}", str(self.root), "/usr/bin/env", "-i",
+                f"--chdir={self.config.get('WorkingDir') or '/'}", *self.env(), *extra_env, *cmd]
+
+    def run(self, cmd: list[str], **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(cmd), capture_output=True, text=True, **kw)
+
+    def start(self, logfile: Path) -> subprocess.Popen:
+        cmd = list(self.config.get("Entrypoint") or []) + list(self.config.get("Cmd") or [])
+        fh = logfile.open("w")
+        return subprocess.Popen(self.argv(cmd), stdout=fh, stderr=subprocess.STDOUT)
+
+
+def deployment() -> tuple[dict, dict, dict]:
+    """(pod spec, server container, init container) of the base Deployment."""
+    (dep,) = [d for d in yaml.safe_load_all(DEPLOYMENT.read_text()) if d and d.get("kind") == "Deployment"]
+    spec = dep["spec"]["template"]["spec"]
+    (server,) = [c for c in spec["containers"] if c["name"] == "server"]
+    (init,) = spec["initContainers"]
+    return spec, server, init
+
+
+def wait_until(what: str, check, deadline_s: float, every_s: float = 0.2,
+               proc: subprocess.Popen | None = None) -> float:
+    """Poll `check` until it is true (a probe, as the kubelet and Docker poll); seconds it took.
+    Gives up at once when `proc`, the process being waited for, has exited."""
+    t0 = time.perf_counter()
+    while True:
+        if check():
+            return time.perf_counter() - t0
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"image-check: FAIL: waiting for {what}, the server exited {proc.returncode}")
+        if time.perf_counter() - t0 > deadline_s:
+            raise SystemExit(f"image-check: FAIL: {what} not within {deadline_s:.0f} s")
+        time.sleep(every_s)
+
+
+def get_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def check_claims(pod: Pod, server: dict, spec: dict, port: int, writable: list[str]) -> dict:
+    """The Deployment's claims about the image, on the image itself."""
+    sc = spec["securityContext"]
+    assert (pod.uid, pod.gid) == (sc["runAsUser"], sc["runAsGroup"]) and pod.uid != 0, (pod.user, sc)
+    exposed = {int(p.split("/")[0]) for p in pod.config.get("ExposedPorts", {})}
+    env = dict(e.split("=", 1) for e in pod.env())
+    (http,) = [p["containerPort"] for p in server["ports"] if p["name"] == "http"]
+    assert http == port == int(env["FRCNN_PORT"]) and exposed == {port}, (http, port, exposed)
+    # every path the server might write, tried as the image's user: only the declared mounts take it
+    probe = ("import json, os, sys\nout = {}\nfor d in sys.argv[1:]:\n"
+             "    try:\n        p = os.path.join(d, '.image-check-probe'); open(p, 'w').close(); os.unlink(p)\n"
+             "        out[d] = 'writable'\n    except OSError as e:\n        out[d] = e.strerror\n"
+             "print(json.dumps({'ids': [os.getuid(), os.getgid()], 'paths': out}))")
+    targets = ["/", pod.config.get("WorkingDir") or "/", "/opt/frcnn/onnx", "/opt/venv", "/models", "/etc", *writable]
+    out = pod.run(["python", "-c", probe, *targets], check=True)
+    seen = json.loads(out.stdout)
+    assert seen["ids"] == [pod.uid, pod.gid], seen
+    for d, what in seen["paths"].items():
+        assert (what == "writable") == (d in writable), f"{d}: {what}"
+    return seen["paths"]
+
+
+def post_photos(url: str, photos: list[Path], **fields) -> list[dict]:
+    files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in photos]
+    r = httpx.post(url + "/detect", files=files, data={k: str(v) for k, v in fields.items()}, timeout=120)
+    assert r.status_code == 200, (r.status_code, r.text[:500])
+    return r.json()["results"]
+
+
+def compare(image_results: list[dict], host_results: list[dict]) -> tuple[int, float]:
+    """(detections compared, largest |difference| of a box coordinate or score); labels and counts
+    must match exactly. Exact equality is what is expected: same ONNX export code, same wheels."""
+    assert [r["image"] for r in image_results] == [r["image"] for r in host_results]
+    n, worst = 0, 0.0
+    for a, b in zip(image_results, host_results):
+        assert (a["width"], a["height"]) == (b["width"], b["height"])
+        da, db = a["detections"], b["detections"]
+        assert [d["label"] for d in da] == [d["label"] for d in db], (a["image"], da, db)
+        for x, y in zip(da, db):
+            worst = max(worst, abs(x["score"] - y["score"]), *(abs(p - q) for p, q in zip(x["box"], y["box"])))
+            n += 1
+    return n, worst
+
+
+def preprocessed(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=5).text
+    m = re.search(r"^frcnn_preprocess_seconds_count (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def drain(proc: subprocess.Popen, url: str, photos: list[Path], grace_s: float) -> tuple[list[dict], float]:
+    """SIGTERM once a request's images are being worked on; it must still be answered."""
+    before = preprocessed(url)
+    box: dict = {}
+
+    def request() -> None:
+        try:
+            box["results"] = post_photos(url, photos, score_threshold=0.05)
+        except Exception as e:  # reported below, in the main thread
+            box["error"] = e
+        box["t"] = time.perf_counter()
+
+    t = threading.Thread(target=request)
+    t.start()
+    wait_until("the drain request in the server", lambda: preprocessed(url) > before or "t" in box, 30, 0.005)
+    t_term = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    t.join(grace_s)
+    assert "error" not in box, f"request during SIGTERM failed: {box.get('error')!r}"
+    assert box["t"] > t_term, "the request was answered before SIGTERM: nothing was drained"
+    rc = proc.wait(grace_s)
+    assert rc == 0, f"server exited {rc} after SIGTERM"
+    return box["results"], box["t"] - t_term
+
+
+def files_under(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+
+
+def serve_checks(args: argparse.Namespace) -> dict:
+    """Runs inside `unshare --mount --net`: nothing mounted here outlives it, port 8000 is free."""
+    sh("ip", "link", "set", "lo", "up")
+    config = json.loads(Path(args.inspect).read_text())
+    work = Path(args.work)
+    pod = Pod(Path(args.image_root), config, work)
+    spec, server, init = deployment()
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    writable = [m["mountPath"] for m in server["volumeMounts"] if not m.get("readOnly")]
+    init_mounts = [m["mountPath"] for m in init["volumeMounts"]]
+    pod.prepare_mountpoints(writable + init_mounts + [m["mountPath"] for m in server["volumeMounts"]])
+    host_dirs = {}
+    for name, v in volumes.items():
+        assert "emptyDir" in v, f"volume {name}: only emptyDir volumes are emulated here"
+        host_dirs[name] = work / f"vol-{name}"
+        host_dirs[name].mkdir()
+        host_dirs[name].chmod(0o777)  # as the kubelet makes an emptyDir
+    env = dict(e.split("=", 1) for e in pod.env())
+    port = int(env["FRCNN_PORT"])
+    report: dict = {}
+
+    # the init container, as the Deployment runs it: copies the image's /models into the volume
+    for m in init["volumeMounts"]:
+        pod.mount(host_dirs[m["name"]], m["mountPath"])
+    sh(*pod.argv(init["command"]))
+    for m in init["volumeMounts"]:
+        pod.unmount(m["mountPath"])
+    for m in server["volumeMounts"]:
+        pod.mount(host_dirs[m["name"]], m["mountPath"], read_only=bool(m.get("readOnly")))
+    report["paths"] = check_claims(pod, server, spec, port, writable)
+    log(f"user {pod.user}, root read-only, writable only {writable}: as deploy/k8s/base claims")
+
+    # the checkout's server, exported the way `make serve` does it, for the answers to compare with
+    photos = sorted(Path(args.photos_dir).glob("*.jpg"))[: args.photos]
+    assert len(photos) == args.photos, f"fewer than {args.photos} photos in {args.photos_dir}"
+    ckpt = ROOT / args.model
+    ref_onnx = work / "host-model.onnx"
+    ref_env = {k: v for k, v in os.environ.items() if not k.startswith("FRCNN_")}
+    ref_env.update({k: v for k, v in env.items() if k.startswith("FRCNN_")})
+    ref_env.update(FRCNN_CACHE_DIR=str(work / "host-cache"), FRCNN_HOST="127.0.0.1", FRCNN_PORT=str(REF_PORT))
+    ref_export = subprocess.Popen([sys.executable, "-m", "export", "onnx", "--checkpoint", str(ckpt),
+                                   "--out", str(ref_onnx)], cwd=ROOT, env=ref_env, stdout=subprocess.DEVNULL)
+
+    t0 = time.perf_counter()
+    proc = pod.start(work / "server-a.log")
+    health = config["Healthcheck"]
+    assert health["Test"][0] == "CMD", health
+    deadline = health.get("StartPeriod", 180e9) / 1e9
+    report["healthy_s"] = wait_until("HEALTHCHECK", lambda: pod.run(health["Test"][1:]).returncode == 0, deadline,
+                                     proc=proc)
+    url = f"http://127.0.0.1:{port}"
+    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+        p = server[kind]["httpGet"]
+        probe_port = port if p["port"] == "http" else p["port"]
+        wait_until(f"{kind} {p['path']}", lambda u=f"http://127.0.0.1:{probe_port}{p['path']}": get_ok(u), 60,
+                   proc=proc)
+    report["ready_s"] = time.perf_counter() - t0
+    log(f"time to ready: HEALTHCHECK passed {report['healthy_s']:.1f} s after start, "
+        f"all probes 200 at {report['ready_s']:.1f} s")
+    assert ref_export.wait(600) == 0, "host export failed"
+    ref = subprocess.Popen([sys.executable, "-m", "server", "--model", str(ref_onnx)], cwd=ROOT, env=ref_env,
+                           stdout=(work / "host-server.log").open("w"), stderr=subprocess.STDOUT)
+    ref_url = f"http://127.0.0.1:{REF_PORT}"
+    wait_until("host server /ready", lambda: get_ok(ref_url + "/ready"), 120, proc=ref)
+
+    n, worst = 0, 0.0
+    for p in photos[:4]:  # one by one, default threshold and a low one (more boxes to compare)
+        for fields in ({}, {"score_threshold": 0.05}):
+            dn, w = compare(post_photos(url, [p], **fields), post_photos(ref_url, [p], **fields))
+            n, worst = n + dn, max(worst, w)
+    host_batch = post_photos(ref_url, photos, score_threshold=0.05)
+    dn, w = compare(post_photos(url, photos, score_threshold=0.05), host_batch)
+    n, worst = n + dn, max(worst, w)
+    drained, after_s = drain(proc, url, photos, grace_s=60)
+    dn, w = compare(drained, host_batch)
+    report.update(compared=n + dn, max_diff=max(worst, w), drain_answer_after_term_s=after_s)
+    log(f"/detect: {n + dn} detections on {len(photos)} photos equal to the host's "
+        f"(largest difference {report['max_diff']:.3g}); SIGTERM mid-request answered {after_s:.2f} s later, exit 0")
+    cache_dir = [m for m in server["volumeMounts"] if m["mountPath"] == env["FRCNN_CACHE_DIR"]]
+    assert cache_dir, "FRCNN_CACHE_DIR is not one of the Deployment's volumes"
+    cache_host = host_dirs[cache_dir[0]["name"]]
+    report["cache_after_baked"] = files_under(cache_host)
+    assert report["cache_after_baked"] == [], f"baked model served, yet the cache got {report['cache_after_baked']}"
+
+    # a different checkpoint under the same name: the entrypoint must export it into the cache
+    other = work / "other-ckpt"
+    other.mkdir()
+    shutil.copy(ckpt / "model.safetensors", other)
+    meta = json.loads((ckpt / "model.json").read_text())
+    (other / "model.json").write_text(json.dumps(meta, indent=1))  # same model, other bytes
+    name = Path(env["FRCNN_MODEL"]).relative_to("/models")
+    pod.mount(other, f"/models/{name}", read_only=True)
+    t0 = time.perf_counter()
+    proc = pod.start(work / "server-b.log")
+    wait_until("HEALTHCHECK (mounted checkpoint)", lambda: pod.run(health["Test"][1:]).returncode == 0, deadline,
+               proc=proc)
+    wait_until("/ready (mounted checkpoint)", lambda: get_ok(url + "/ready"), 60, proc=proc)
+    report["ready_export_s"] = time.perf_counter() - t0
+    dn, w = compare(post_photos(url, photos[:2], score_threshold=0.05),
+                    post_photos(ref_url, photos[:2], score_threshold=0.05))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    report["cache_after_mounted"] = files_under(cache_host)
+    assert "model.onnx" in report["cache_after_mounted"], report["cache_after_mounted"]
+    assert "not the baked model" in (work / "server-b.log").read_text()
+    log(f"mounted checkpoint exported into the cache volume ({report['cache_after_mounted']}), "
+        f"ready in {report['ready_export_s']:.1f} s, {dn} detections equal (largest difference {w:.3g})")
+    ref.send_signal(signal.SIGTERM)
+    ref.wait(60)
+    report["written_outside_mounts"] = [p for p in files_under(pod.upper)]
+    assert report["written_outside_mounts"] == [], report["written_outside_mounts"]
+    return report
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image", default="localhost/frcnn:check")
+    p.add_argument("--model", default="checkpoints/demo-tiny-shapes", help="checkpoint baked into the image")
+    p.add_argument("--cache", default=str(ROOT / ".cache" / "image"), help="where the base image tarball is kept")
+    p.add_argument("--photos-dir", default=str(PHOTOS))
+    p.add_argument("--photos", type=int, default=8, help="photos per request (the drain request too)")
+    p.add_argument("--no-build", action="store_true", help="check the image as it is")
+    p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--image-root", help=argparse.SUPPRESS)
+    p.add_argument("--inspect", help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--report", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.inside:
+        report = serve_checks(args)
+        Path(args.report).write_text(json.dumps(report))
+        return 0
+
+    if os.getuid() != 0 or not (shutil.which("podman") and shutil.which("debootstrap")):
+        log("needs root, podman and debootstrap (apt-get install podman debootstrap)")
+        return 2
+    figures = {}
+    if not args.no_build:
+        log(f"base image {BASE_IMAGE}: {ensure_base(Path(args.cache))}")
+        figures["build_s"] = build(args.image, Path(args.model).name, Path(args.cache) / "build.log")
+        log(f"build time {figures['build_s']:.0f} s")
+    info = json.loads(podman("image", "inspect", args.image))[0]
+    figures["size_mb"] = info["Size"] / 1e6
+    log(f"image {args.image}: {figures['size_mb']:.0f} MB")
+    with tempfile.TemporaryDirectory(prefix="image-check-") as work:
+        inspect = Path(work) / "inspect.json"
+        # the Healthcheck sits beside Config in podman's inspect output; the pod wants both
+        inspect.write_text(json.dumps({**info["Config"], "Healthcheck": info.get("Healthcheck")
+                                       or info["Config"].get("Healthcheck")}))
+        image_root = podman("image", "mount", args.image)
+        report_file = Path(work) / "report.json"
+        try:
+            rc = subprocess.run(["unshare", "--mount", "--net", "--propagation", "private", "--",
+                                 sys.executable, __file__, "--inside", "--image-root", image_root,
+                                 "--inspect", str(inspect), "--work", work, "--report", str(report_file),
+                                 "--model", args.model, "--photos-dir", args.photos_dir,
+                                 "--photos", str(args.photos)]).returncode
+        finally:
+            podman("image", "unmount", args.image)
+        if rc != 0:
+            for f in sorted(Path(work).glob("*.log")):
+                print(f"--- {f.name} (last lines)\n" + "\n".join(f.read_text().splitlines()[-25:]), file=sys.stderr)
+            log("FAIL")
+            return 1
+        report = json.loads(report_file.read_text())
+    build_s = f"{figures['build_s']:.0f} s" if "build_s" in figures else "not built (--no-build)"
+    log(f"PASS: build {build_s}, image {figures['size_mb']:.0f} MB, ready in {report['ready_s']:.1f} s "
+        f"(healthy {report['healthy_s']:.1f} s; {report['ready_export_s']:.1f} s with a mounted checkpoint to "
+        f"export), {report['compared']} detections equal to the host's (max diff {report['max_diff']:.3g})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
