@@ -7,7 +7,7 @@ MODEL ?= checkpoints/demo-tiny-shapes
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install test serve bench bench-server lint demo-model golden refvenv docker docker-gpu k8s-render clean
+.PHONY: install test serve bench bench-server lint demo-model golden refvenv docker docker-gpu k8s-render image image-check clean
 
 install: $(VENV)/.installed
 
@@ -75,6 +75,25 @@ docker-gpu:
 # else tools/k8s_render.py's built-in renderer (tests check both agree). No cluster needed.
 k8s-render: install
 	$(PY) tools/k8s_render.py --all --out-dir out/k8s
+
+# The CPU image with Docker (BuildKit) or, where no Docker engine answers, podman. Options for the
+# build go in IMAGE_BUILD_ARGS (the Dockerfile's header lists its build arguments).
+IMAGE_BUILD_ARGS ?=
+image:
+	@test -f $(MODEL)/model.safetensors || { echo "$(MODEL) missing: run 'make demo-model' first"; exit 1; }
+	@if docker info >/dev/null 2>&1; then set -x; \
+		docker build -f deploy/Dockerfile --build-arg MODEL_NAME=$(notdir $(MODEL)) $(IMAGE_BUILD_ARGS) -t $(IMAGE):$(TAG) .; \
+	elif command -v podman >/dev/null; then set -x; \
+		podman build --format docker -f deploy/Dockerfile --ignorefile deploy/Dockerfile.dockerignore \
+			--build-arg MODEL_NAME=$(notdir $(MODEL)) $(IMAGE_BUILD_ARGS) -t $(IMAGE):$(TAG) .; \
+	else echo "make image: needs docker (with a running engine) or podman"; exit 1; fi
+
+# Builds the image here with podman (base image made from Debian's packages, the local torch wheel)
+# and serves from it as a pod would: read-only root, the k8s volumes, the image's user, env and
+# HEALTHCHECK; /detect answers compared with the checkout's server. Needs root, podman, debootstrap.
+IMAGE_CACHE ?= .cache/image
+image-check: install
+	$(PY) tools/image_check.py --image localhost/$(IMAGE):check --model $(MODEL) --cache $(IMAGE_CACHE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
