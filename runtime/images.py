@@ -22,6 +22,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+try:  # optional (server extra): libjpeg-turbo decoding without Pillow's copies
+    import simplejpeg as _simplejpeg
+except ImportError:  # pragma: no cover - Pillow decodes everything alone
+    _simplejpeg = None
+
 __all__ = [
     "SUPPORTED_FORMATS",
     "CorruptImageError",
@@ -30,6 +35,7 @@ __all__ = [
     "ImageTooLargeError",
     "UnsupportedImageError",
     "load_image",
+    "probe_image",
     "to_rgb_array",
 ]
 
@@ -63,6 +69,15 @@ class ImageTooLargeError(ImageError):
     pass
 
 
+def probe_image(data: bytes | bytearray | memoryview, *,
+                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the header alone, no pixel decoded: what decoding `data` will cost.
+    Raises the ImageError that load_image would raise for the same header."""
+    img = _open(bytes(data), max_pixels)
+    with img:
+        return img.size
+
+
 def load_image(data: bytes | bytearray | memoryview | str | os.PathLike, *,
                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode `data` (encoded bytes, or a path to a file) to (h, w, 3) uint8 RGB.
@@ -73,6 +88,24 @@ def load_image(data: bytes | bytearray | memoryview | str | os.PathLike, *,
     if isinstance(data, (str, os.PathLike)):
         data = Path(data).read_bytes()
     data = bytes(data)
+    img = _open(data, max_pixels)
+    with img:
+        fast = _fast_jpeg(img, data)
+        if fast is not None:
+            return fast
+        try:
+            img.seek(0)  # first frame of GIF / WebP animations and multi-page TIFF
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb_array(img)
+        except Image.DecompressionBombError as e:
+            raise ImageTooLargeError(str(e)) from None
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+            raise CorruptImageError(f"cannot decode image: {e}") from None
+
+
+def _open(data: bytes, max_pixels: int | None) -> Image.Image:
+    """Pillow's lazy open (header only) with every check that needs no pixel."""
     if not data:
         raise EmptyImageError("empty file")
     try:
@@ -86,7 +119,7 @@ def load_image(data: bytes | bytearray | memoryview | str | os.PathLike, *,
         raise UnsupportedImageError("not a recognised image format") from None
     except (OSError, SyntaxError, ValueError) as e:  # header present but damaged
         raise CorruptImageError(f"cannot read image header: {e}") from None
-    with img:
+    try:
         if img.format not in SUPPORTED_FORMATS:
             raise UnsupportedImageError(f"unsupported image format {img.format}")
         w, h = img.size
@@ -94,15 +127,31 @@ def load_image(data: bytes | bytearray | memoryview | str | os.PathLike, *,
             raise CorruptImageError(f"image has no pixels ({w}x{h})")
         if max_pixels is not None and w * h > max_pixels:
             raise ImageTooLargeError(f"image has {w}x{h} = {w * h} pixels, limit is {max_pixels}")
-        try:
-            img.seek(0)  # first frame of GIF / WebP animations and multi-page TIFF
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb_array(img)
-        except Image.DecompressionBombError as e:
-            raise ImageTooLargeError(str(e)) from None
-        except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
-            raise CorruptImageError(f"cannot decode image: {e}") from None
+    except ImageError:
+        img.close()
+        raise
+    return img
+
+
+def _fast_jpeg(img: Image.Image, data: bytes) -> np.ndarray | None:
+    """Baseline/progressive RGB or grey JPEGs without an EXIF rotation, decoded by libjpeg-turbo
+    straight into the output array (simplejpeg): one allocation instead of Pillow's three copies.
+    Same library and settings as Pillow's decoder (accurate DCT, fancy upsampling), so the pixels
+    are identical (tests/runtime/test_images_fast_jpeg.py checks every COCO128 photo). None means:
+    take Pillow's path (other modes, rotated, simplejpeg missing, or any libjpeg warning, which
+    Pillow may accept and simplejpeg's strict mode refuses)."""
+    if _simplejpeg is None or img.format != "JPEG" or img.mode not in ("RGB", "L"):
+        return None
+    try:
+        if img.getexif().get(0x0112, 1) != 1:  # EXIF Orientation: exif_transpose would move pixels
+            return None
+    except Exception:  # a damaged EXIF block: Pillow's path decides what it means
+        return None
+    try:
+        arr = _simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except ValueError:
+        return None
+    return arr if arr.shape[:2] == (img.size[1], img.size[0]) else None
 
 
 def to_rgb_array(img: Image.Image) -> np.ndarray:

@@ -1,18 +1,26 @@
-"""Micro-batcher: many concurrent requests -> few batched backend calls.
+"""Micro-batcher: many concurrent requests -> few batched backend calls, each over images of one size.
 
-    submit(item) --prepare(item) in the worker pool, started at once--> bounded asyncio.Queue
-    collector task: first item, then whatever is queued, then (only under load, see _collect)
-                    more until max_batch_size or max_delay after the first
-                    -> await their prepare results -> handle(list) in the single inference thread
-                    -> answers split back to each submitter's future
+    submit(item, group, cost) --prepare(item) in the decode lanes (server/lanes.py)--> prepared
+    prepared --key(prepared)--> the bucket of its key (the padded size: images batch together only
+                                when their padding is identical, so a batch never changes an answer)
+    dispatcher: a bucket is due when it holds max_batch_size items, or when its oldest item has
+                waited max_delay (only under load, see _due); of the due buckets the one whose
+                oldest item is oldest runs first (first come, first served across sizes: no size
+                starves, and max_delay holds per image) -> handle(list) in an inference thread
+                -> answers split back to each submitter's future
 
 Contract of `handle` (as Ray Serve / Triton batch handlers): it takes a list of prepared items
 and returns a list of the same length, each entry an answer or an Exception for that item only.
 If `handle` raises for the whole batch, each item is retried alone so that one bad item fails
 only itself. Items whose `prepare` failed never reach `handle`.
 
-The queue is bounded: a full queue raises `Overloaded` at submit (the server answers 503 with
-Retry-After). `stop()` refuses new items and drains what was accepted.
+Cancellation: when a submitter's future is cancelled (its request got a 504, a 503, or the client
+went away) the item leaves the batcher: its decode is dropped if it has not started, and it never
+reaches `handle`. `cancel_group(group)` does that for every item of one request.
+
+The number of accepted, not yet dispatched items is bounded: past queue_size `submit` raises
+`Overloaded` (the server answers 503 with Retry-After). `stop()` refuses new items and drains
+what was accepted.
 """
 
 from __future__ import annotations
@@ -20,10 +28,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+from server.lanes import DecodeLanes
 
 log = logging.getLogger(__name__)
 
@@ -43,34 +54,59 @@ class BatchStats:
     size: int
     handle_s: float
     queue_depth: int
+    key: Hashable = None  # the bucket: the padded (H, W) for the server's engine
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
-    prepared: asyncio.Future  # result of prepare(item), resolved in the worker pool
     answer: asyncio.Future  # what submit() returns
+    group: Hashable
+    prepared: Future | None = None  # prepare(item), run in the decode lanes
+    value: Any = None  # its result, once bucketed
+    key: Hashable = None
+    bucketed: bool = False  # decoded, waiting in its bucket
+    ready_at: float = 0.0
     enqueued: float = field(default_factory=time.perf_counter)
 
 
 class MicroBatcher(Generic[In, Prep, Out]):
     def __init__(self, *, prepare: Callable[[In], Prep],
                  handle: Callable[[list[Prep]], Sequence[Out | BaseException]],
+                 key: Callable[[Prep], Hashable] | None = None,
                  max_batch_size: int = 8, max_delay_s: float = 0.01, queue_size: int = 64,
-                 workers: int = 2, on_batch: Callable[[BatchStats], None] | None = None,
-                 prepare_executor: Executor | None = None) -> None:
-        if max_batch_size < 1 or queue_size < 1 or workers < 1 or max_delay_s < 0:
-            raise ValueError("max_batch_size, queue_size, workers >= 1 and max_delay_s >= 0 required")
+                 workers: int = 2, large_workers: int = 1, large_cost: int | None = None,
+                 cost_budget: int | None = None, infer_threads: int = 1,
+                 on_batch: Callable[[BatchStats], None] | None = None,
+                 on_cancel: Callable[[str, int], None] | None = None) -> None:
+        """key: bucket of a prepared item (None: one bucket for all). cost: what submit says an
+        item will cost to prepare (decoded pixels); above large_cost it runs in the large lane;
+        cost_budget bounds the cost being prepared at once. infer_threads: backend calls that may
+        run at once (1: backends are not re-entrant and a batch should own the intra-op threads).
+        on_cancel(stage, n): n items dropped before their "decode" or their "inference"."""
+        if max_batch_size < 1 or queue_size < 1 or workers < 1 or max_delay_s < 0 or infer_threads < 1:
+            raise ValueError("max_batch_size, queue_size, workers, infer_threads >= 1 and max_delay_s >= 0 required")
         self.prepare = prepare
         self.handle = handle
+        self.key = key or (lambda _: None)
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
         self.on_batch = on_batch
-        self._own_pool = prepare_executor is None
-        self._pool = prepare_executor or ThreadPoolExecutor(workers, thread_name_prefix="prepare")
-        # One thread: backends are not re-entrant and a batch should own all intra-op threads.
-        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
-        self._queue: asyncio.Queue[_Job] | None = None
+        self.on_cancel = on_cancel
+        big = 1 << 62
+        self.lanes = DecodeLanes(workers=workers, large_workers=large_workers,
+                                 large_cost=big if large_cost is None else large_cost,
+                                 budget=big if cost_budget is None else cost_budget,
+                                 on_cancel=lambda n: self._cancelled("decode", n))
+        self._infer_pool = ThreadPoolExecutor(infer_threads, thread_name_prefix="infer")
+        self._free_slots = infer_threads
+        self._pending: set[_Job] = set()  # accepted, not yet dispatched (preparing or bucketed)
+        self._preparing = 0
+        self._buckets: dict[Hashable, deque[_Job]] = {}
+        self._running = 0  # batches in the inference threads
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._accepting = False
         self._under_load = False
@@ -78,16 +114,18 @@ class MicroBatcher(Generic[In, Prep, Out]):
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue(maxsize=self.queue_size)
+        self._loop = asyncio.get_running_loop()
+        self._wake, self._idle = asyncio.Event(), asyncio.Event()
+        self._idle.set()
         self._accepting = True
         self._task = asyncio.create_task(self._run(), name="micro-batcher")
 
     async def stop(self, timeout_s: float | None = None) -> None:
-        """Refuse new items, answer every accepted one, then stop the collector and pools."""
+        """Refuse new items, answer every accepted one, then stop the dispatcher and threads."""
         self._accepting = False
-        if self._task is not None and self._queue is not None:
+        if self._task is not None and self._idle is not None:
             try:
-                await asyncio.wait_for(self._queue.join(), timeout_s)  # every job task_done()
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
             except asyncio.TimeoutError:
                 log.warning("batcher: %d items not drained within %.1fs", self.depth, timeout_s)
             self._task.cancel()
@@ -95,101 +133,172 @@ class MicroBatcher(Generic[In, Prep, Out]):
                 await self._task
             except asyncio.CancelledError:
                 pass
-            self._fail_pending(Overloaded("server shutting down"))
+            for job in list(self._pending):
+                if not job.answer.done():
+                    job.answer.set_exception(Overloaded("server shutting down"))
+        await asyncio.to_thread(self.lanes.shutdown)
         self._infer_pool.shutdown(wait=True)
-        if self._own_pool:
-            self._pool.shutdown(wait=True)
-
-    def _fail_pending(self, exc: BaseException) -> None:
-        assert self._queue is not None
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
-            if not job.answer.done():
-                job.answer.set_exception(exc)
 
     @property
     def depth(self) -> int:
-        """Items waiting in the queue (not the batch being run)."""
-        return self._queue.qsize() if self._queue is not None else 0
+        """Items accepted and not yet in a backend call (being prepared or waiting for a batch)."""
+        return len(self._pending)
 
     # -- submit -------------------------------------------------------------------------------
 
-    async def submit(self, item: In) -> Out:
+    async def submit(self, item: In, *, group: Hashable = None, cost: int = 0) -> Out:
         """Queue one item and wait for its answer (raises its per-item exception)."""
-        return await self.submit_nowait(item)
+        return await self.submit_nowait(item, group=group, cost=cost)
 
-    def submit_nowait(self, item: In) -> asyncio.Future:
-        """Queue one item; return the future of its answer. Raises Overloaded when full."""
-        if not self._accepting or self._queue is None:
+    def submit_nowait(self, item: In, *, group: Hashable = None, cost: int = 0) -> asyncio.Future:
+        """Queue one item; return the future of its answer. Raises Overloaded when full.
+        group: items of one request (decoded round-robin with other groups, cancelled together)."""
+        if not self._accepting or self._loop is None:
             raise Overloaded("not accepting requests")
-        if self._queue.full():
+        if len(self._pending) >= self.queue_size:
             raise Overloaded(f"queue full ({self.queue_size} items)")
-        loop = asyncio.get_running_loop()
-        job = _Job(prepared=loop.run_in_executor(self._pool, self.prepare, item),
-                   answer=loop.create_future())
-        self._queue.put_nowait(job)  # cannot fail: checked full above, no await in between
+        job = _Job(answer=self._loop.create_future(), group=group if group is not None else object())
+        self._pending.add(job)
+        self._preparing += 1
+        self._idle.clear()
+        job.prepared = self.lanes.submit(job.group, cost, self.prepare, item)
+        loop = self._loop
+        job.prepared.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._on_prepared, job))
+        job.answer.add_done_callback(lambda _f: self._on_answered(job))
         return job.answer
 
-    # -- collector ----------------------------------------------------------------------------
+    def cancel_group(self, group: Hashable) -> None:
+        """Cancel every unanswered item of `group`: queued decodes are dropped, nothing reaches handle."""
+        self.lanes.cancel_group(group)
+        for job in [j for j in self._pending if j.group == group]:
+            job.answer.cancel()
 
-    async def _collect(self) -> list[_Job]:
-        assert self._queue is not None
-        jobs = [await self._queue.get()]
-        # Wait for company only under load (the last batch was shared or left items queued):
-        # an idle server answers a lone request at once instead of adding max_delay to it.
-        delay = self.max_delay_s if self._under_load else 0.0
-        deadline = time.perf_counter() + delay
-        while len(jobs) < self.max_batch_size:
-            if self._queue.empty():
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    job = await asyncio.wait_for(self._queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    break
-            else:
-                job = self._queue.get_nowait()
-            jobs.append(job)
-        return jobs
+    # -- bookkeeping (event loop thread) --------------------------------------------------------
+
+    def _cancelled(self, stage: str, n: int) -> None:
+        if self.on_cancel is not None and n:
+            self.on_cancel(stage, n)
+
+    def _on_prepared(self, job: _Job) -> None:
+        self._preparing -= 1
+        fut = job.prepared
+        if job.answer.done() or fut.cancelled():
+            if fut.cancelled() and not job.answer.done():  # the lanes shut down under it
+                job.answer.set_exception(Overloaded("server shutting down"))
+            elif not fut.cancelled():
+                self._cancelled("inference", 1)  # decoded for nothing: dropped before the backend
+            self._forget(job)
+        elif fut.exception() is not None:
+            job.answer.set_exception(fut.exception())
+            self._forget(job)
+        else:
+            job.value = fut.result()
+            try:
+                job.key = self.key(job.value)
+            except Exception as e:  # a key function bug fails this item, not the dispatcher
+                job.answer.set_exception(e)
+                self._forget(job)
+                return
+            job.ready_at, job.bucketed = time.perf_counter(), True
+            self._buckets.setdefault(job.key, deque()).append(job)
+        self._wake.set()
+
+    def _on_answered(self, job: _Job) -> None:
+        """Runs when the answer is set or cancelled; a cancelled item leaves the batcher now."""
+        if not job.answer.cancelled() or job not in self._pending:
+            return
+        if job.bucketed:
+            self._cancelled("inference", 1)
+            q = self._buckets[job.key]
+            q.remove(job)
+            if not q:
+                del self._buckets[job.key]
+            self._forget(job)
+        elif job.prepared is not None:
+            # Not started: the lanes drop it (and count it), then _on_prepared forgets it.
+            # Running: _on_prepared drops it when its decode ends.
+            job.prepared.cancel()
+        self._wake.set()
+
+    def _forget(self, job: _Job) -> None:
+        self._pending.discard(job)
+        job.value = None
+        if not self._pending and not self._running:
+            self._idle.set()
+
+    # -- dispatcher -----------------------------------------------------------------------------
+
+    def _due(self, now: float) -> tuple[bool, Hashable, float | None]:
+        """(whether a bucket is due, its key; else seconds until the next one is due, or None)."""
+        # Wait for company only under load (the last batch was shared or left items pending) or
+        # while images are still being decoded: an idle server answers a lone image at once
+        # instead of adding max_delay to it.
+        wait = self.max_delay_s if (self._under_load or self._preparing) else 0.0
+        best_key, best_age, next_in = None, None, None
+        for key, q in self._buckets.items():
+            head = q[0].ready_at
+            due_at = now if len(q) >= self.max_batch_size else head + wait
+            if due_at <= now:
+                if best_age is None or head < best_age:
+                    best_key, best_age = key, head
+            elif next_in is None or due_at - now < next_in:
+                next_in = due_at - now
+        if best_age is not None:
+            return True, best_key, None
+        return False, None, next_in
 
     async def _run(self) -> None:
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
         while True:
-            jobs = await self._collect()
+            self._wake.clear()
+            timeout = None
+            while self._free_slots and self._buckets:
+                due, key, timeout = self._due(time.perf_counter())
+                if not due:
+                    break
+                self._dispatch(key)
+                timeout = None
+            if not self._free_slots:
+                timeout = None  # a finishing batch wakes us
             try:
-                await self._run_batch(loop, jobs)
-            except Exception as e:  # never let the collector die: fail this batch, go on
-                log.exception("batcher: unexpected error")
-                for job in jobs:
-                    if not job.answer.done():
-                        job.answer.set_exception(e)
-            finally:
-                self._under_load = len(jobs) > 1 or not self._queue.empty()
-                for _ in jobs:
-                    self._queue.task_done()
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> None:
-        await asyncio.wait([j.prepared for j in jobs])
-        ready: list[tuple[_Job, Any]] = []
+    def _dispatch(self, key: Hashable) -> None:
+        q = self._buckets[key]
+        jobs = [q.popleft() for _ in range(min(self.max_batch_size, len(q)))]
+        if not q:
+            del self._buckets[key]
         for job in jobs:
-            if job.answer.done():  # the submitter gave up (timeout, disconnect)
-                continue
-            exc = job.prepared.exception()
-            if exc is not None:
-                job.answer.set_exception(exc)
-            else:
-                ready.append((job, job.prepared.result()))
-        if not ready:
-            return
-        t0 = time.perf_counter()
-        answers = await loop.run_in_executor(self._infer_pool, self._handle_safely,
-                                             [p for _, p in ready])
-        if self.on_batch is not None:
-            self.on_batch(BatchStats(size=len(ready), handle_s=time.perf_counter() - t0,
-                                     queue_depth=self.depth))
-        for (job, _), answer in zip(ready, answers, strict=True):
+            job.bucketed = False
+            self._pending.discard(job)
+        self._under_load = len(jobs) > 1 or bool(self._pending)
+        self._free_slots -= 1
+        self._running += 1
+        task = asyncio.create_task(self._run_batch(jobs, key))
+        task.add_done_callback(lambda _t: self._batch_done())
+
+    def _batch_done(self) -> None:
+        self._free_slots += 1
+        self._running -= 1
+        if not self._pending and not self._running:
+            self._idle.set()
+        self._wake.set()
+
+    async def _run_batch(self, jobs: list[_Job], key: Hashable) -> None:
+        items = [j.value for j in jobs]
+        for j in jobs:
+            j.value = None  # the batch holds the tensors now; cancelled jobs must not
+        try:
+            t0 = time.perf_counter()
+            answers = await self._loop.run_in_executor(self._infer_pool, self._handle_safely, items)
+            if self.on_batch is not None:
+                self.on_batch(BatchStats(size=len(jobs), handle_s=time.perf_counter() - t0,
+                                         queue_depth=self.depth, key=key))
+        except Exception as e:  # never let a batch take the dispatcher down
+            log.exception("batcher: unexpected error")
+            answers = [e] * len(jobs)
+        for job, answer in zip(jobs, answers, strict=True):
             if job.answer.done():
                 continue
             if isinstance(answer, BaseException):
@@ -198,7 +307,7 @@ class MicroBatcher(Generic[In, Prep, Out]):
                 job.answer.set_result(answer)
 
     def _handle_safely(self, batch: list[Prep]) -> list[Out | BaseException]:
-        """Runs in the inference thread. Whole-batch failure -> retry each item alone."""
+        """Runs in an inference thread. Whole-batch failure -> retry each item alone."""
         try:
             answers = list(self.handle(batch))
             if len(answers) != len(batch):

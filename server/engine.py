@@ -1,6 +1,8 @@
 """The server's view of a runtime.Pipeline: per-image prepare, batched handle, model info.
 
-    prepare(Job) -> Prepared      worker pool: decode (runtime.images) + resize/normalize
+    cost(Job) -> int              event loop: decoded pixels, from the image header only
+    prepare(Job) -> Prepared      decode lanes: decode (runtime.images) + resize/normalize
+    batch_key(Prepared) -> (H, W) the padded size: the batcher batches equal keys only
     handle(list[Prepared]) -> list[Answer | Exception]
                                   inference thread: collate, one backend call, class-wise NMS
 """
@@ -14,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.images import load_image
+from runtime.images import load_image, probe_image
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +62,13 @@ class Engine:
     """Adapter between the batcher and a runtime.Pipeline (duck-typed: anything with the
     methods of docs/CONTRACTS.md "runtime")."""
 
-    def __init__(self, pipe: Any, *, max_pixels: int) -> None:
+    def __init__(self, pipe: Any, *, max_pixels: int, mixed_batches: bool = False) -> None:
+        """mixed_batches: let images of different padded sizes share a batch (padded to the
+        largest). Faster under mixed traffic, but an image's answer then depends on its batch
+        (torchvision architectures change detections near the padding)."""
         self.pipe = pipe
         self.max_pixels = max_pixels
+        self.mixed_batches = mixed_batches
         self.on_backend: Any = None  # callable(seconds) for metrics
 
     # -- model facts ---------------------------------------------------------------------------
@@ -102,7 +108,20 @@ class Engine:
             ids.add(i)
         return frozenset(ids)
 
-    # -- worker pool ---------------------------------------------------------------------------
+    # -- event loop ----------------------------------------------------------------------------
+
+    def cost(self, job: Job) -> int:
+        """Decoded pixels of the job's image, from its header (no pixel is decoded). Raises the
+        ImageError load_image would raise for a bad header or an image over max_pixels."""
+        w, h = probe_image(job.data, max_pixels=self.max_pixels)
+        return w * h
+
+    def batch_key(self, p: Prepared) -> tuple[int, int] | None:
+        """Images batch together only when this is equal: their padded (H, W), so that each gets
+        exactly its one-image answer. None (one bucket) with mixed_batches."""
+        return None if self.mixed_batches else tuple(self.pipe.padded_size(p.item))
+
+    # -- decode lanes --------------------------------------------------------------------------
 
     def prepare(self, job: Job) -> Prepared:
         t0 = time.perf_counter()

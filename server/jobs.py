@@ -40,29 +40,47 @@ def make_jobs(engine: Engine, settings: Any, images: list[tuple[str, bytes]], *,
     return [Job(name, data, score, top_k, class_ids) for name, data in images]
 
 
-async def run_jobs(state: Any, jobs: list[Job]) -> list[Answer]:
+async def run_jobs(state: Any, jobs: list[Job], request: Any = None) -> list[Answer]:
     """Submit every job (all or none: a request that does not fit the queue is refused whole),
-    wait for all answers within the request timeout, and turn the first failure into an ApiError."""
+    wait for all answers within the request timeout, and turn the first failure into an ApiError.
+
+    Cost is checked first, from the image headers (no pixel decoded): each image within
+    max_pixels, the request within max_request_pixels (413). When the request is answered before
+    its work is done (504, 503, the client gone: pass the Starlette `request` to watch for that),
+    its images that have not started decoding or inference are cancelled."""
     settings, metrics = state.settings, state.metrics
     batcher: MicroBatcher = state.batcher
+    engine: Engine = state.engine
+    costs = []
+    for job in jobs:
+        try:
+            costs.append(engine.cost(job))
+        except ImageError as e:
+            metrics.images.labels("error").inc()
+            raise image_error(e, job.name) from None
+    budget = settings.request_pixel_budget
+    if sum(costs) > budget:
+        metrics.refused_pixels.inc()
+        raise ApiError(413, "too_many_pixels", f"the request's images decode to {sum(costs)} pixels; "
+                       f"the limit per request is {budget}")
     if batcher.queue_size - batcher.depth < len(jobs):
         metrics.rejected.inc(len(jobs))
         raise ApiError(503, "overloaded", "queue full, retry later", headers={"Retry-After": "1"})
+    group = object()  # this request: its decodes take turns with other requests', cancelled together
     futures = []
     try:
-        for job in jobs:
-            futures.append(batcher.submit_nowait(job))
-    except Overloaded as e:
-        for f in futures:
-            f.cancel()
-        metrics.rejected.inc(len(jobs))
-        raise ApiError(503, "overloaded", str(e), headers={"Retry-After": "1"}) from None
-    try:
-        answers = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True),
-                                         settings.request_timeout_s)
-    except asyncio.TimeoutError:
-        metrics.images.labels("timeout").inc(len(jobs))
-        raise ApiError(504, "timeout", f"no answer within {settings.request_timeout_s}s") from None
+        try:
+            for job, cost in zip(jobs, costs, strict=True):
+                futures.append(batcher.submit_nowait(job, group=group, cost=cost))
+        except Overloaded as e:
+            metrics.rejected.inc(len(jobs))
+            raise ApiError(503, "overloaded", str(e), headers={"Retry-After": "1"}) from None
+        answers = await _wait(futures, settings.request_timeout_s, request)
+        if answers is None:
+            metrics.images.labels("timeout").inc(len(jobs))
+            raise ApiError(504, "timeout", f"no answer within {settings.request_timeout_s}s")
+    finally:
+        batcher.cancel_group(group)  # no-op once every answer is in
     for job, answer in zip(jobs, answers, strict=True):
         if isinstance(answer, BaseException):
             metrics.images.labels("error").inc()
@@ -74,3 +92,31 @@ async def run_jobs(state: Any, jobs: list[Job]) -> list[Answer]:
             raise ApiError(500, "inference_error", f"{job.name}: inference failed", image=job.name)
     metrics.images.labels("ok").inc(len(jobs))
     return answers
+
+
+async def _wait(futures: list[asyncio.Future], timeout_s: float, request: Any) -> list[Any] | None:
+    """All answers (exceptions in place), or None on timeout. Raises ApiError 400 when the client
+    disconnects first (nobody would read the answer)."""
+    answers = asyncio.ensure_future(asyncio.gather(*futures, return_exceptions=True))
+    gone = asyncio.ensure_future(_client_gone(request)) if request is not None else None
+    try:
+        done, _ = await asyncio.wait({answers} | ({gone} if gone else set()), timeout=timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if gone is not None:
+            gone.cancel()
+    if answers in done:
+        return answers.result()
+    answers.cancel()
+    if gone is not None and gone in done:
+        raise ApiError(400, "client_disconnected", "client disconnected before the answer")
+    return None
+
+
+async def _client_gone(request: Any) -> None:
+    """Returns when the client closes the connection. The body has been read already, so the
+    server's next receive() message is the disconnect."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

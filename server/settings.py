@@ -50,6 +50,20 @@ class Settings(BaseSettings):
     queue_size: int = Field(64, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
     workers: int = Field(default_factory=_default_workers, ge=1, description="decode/preprocess threads")
+    batch_mixed_sizes: bool = Field(False, description="let images of different padded sizes share a batch "
+                                    "(padded to the largest): more throughput under mixed sizes, but an "
+                                    "image's answer then depends on what it is batched with")
+    inference_threads: int = Field(1, ge=1, le=16, description="backend calls that may run at once "
+                                   "(different padded sizes); 1 lets each batch own every intra-op thread")
+
+    # decode budget (checked from image headers before any pixel is decoded)
+    max_request_pixels: int | None = Field(None, ge=1, description="decoded pixels per request, else 413; "
+                                           "None = 4 x max_pixels")
+    large_decode_pixels: int = Field(4_000_000, ge=1, description="images above this many pixels decode in "
+                                     "their own lane (one thread), so small images never wait behind them")
+    max_decode_pixels: int | None = Field(None, ge=1, description="decoded pixels in flight across the server "
+                                          "(memory); None = max_pixels + workers x large_decode_pixels")
+
 
     # input limits
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
@@ -88,6 +102,14 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
+
+    @property
+    def request_pixel_budget(self) -> int:
+        return self.max_request_pixels or 4 * self.max_pixels
+
+    @property
+    def decode_pixel_budget(self) -> int:
+        return self.max_decode_pixels or self.max_pixels + self.workers * self.large_decode_pixels
 
     @property
     def model_path(self) -> Path:
