@@ -42,11 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.guard import uvicorn_options
 
     settings = parse_settings(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=int(settings.request_timeout_s) + 5, access_log=False)
+                timeout_graceful_shutdown=int(settings.request_timeout_s) + 5, access_log=False,
+                **uvicorn_options(settings))  # header deadline, header size, connection cap
     return 0
 
 

@@ -17,18 +17,20 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader
+from starlette.routing import Match
 
 from server.batcher import MicroBatcher
 from server.engine import Answer, Engine, Job
 from server.errors import ApiError, install_handlers
+from server.guard import BodyDeadline
 from server.inputs import parse
 from server.jobs import engine_of as jobs_engine_of
 from server.jobs import make_jobs, run_jobs
-from server.metrics import Metrics
+from server.metrics import Metrics, method_label
 from server.model_source import load_pipeline
+from server.openapi import detect_operation, install_openapi
 from server.schemas import (
     Detection,
-    DetectJSON,
     DetectResponse,
     ErrorBody,
     Health,
@@ -44,26 +46,12 @@ log = logging.getLogger(__name__)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": why} for code, why in (
         (400, "empty image, bad base64 or malformed body"), (401, "missing or wrong X-API-Key"),
+        (408, "body not received within body_timeout_s (the connection is closed)"),
         (413, "upload, image pixels or image count over the limit"), (415, "not an image / not a supported type"),
         (422, "truncated or damaged image, invalid option"), (503, "queue full or not ready (see Retry-After)"),
         (504, "request timed out"),
     )
 }
-
-_DETECT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                "image": {"type": "string", "format": "binary"},
-                "score_threshold": {"type": "number"}, "max_detections": {"type": "integer"},
-                "classes": {"type": "string", "description": "names or ids, comma-separated"}}}},
-            "application/json": {"schema": DetectJSON.model_json_schema()},
-        },
-    }
-}
-
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
@@ -107,7 +95,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = app.state.batcher = None
     app.state.draining = False
     install_handlers(app)
-    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+    install_openapi(app, settings)
+    app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s)  # inside metrics: its 408s counted
+    app.add_middleware(_MetricsMiddleware, metrics=metrics, router=app.router)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], max_age=600)
@@ -124,13 +114,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def engine_of(request: Request) -> Engine:
         return jobs_engine_of(request.app.state)
 
-    @app.post("/detect", response_model=DetectResponse, responses=_ERRORS, openapi_extra=_DETECT_BODY,
+    @app.post("/detect", response_model=DetectResponse, responses=_ERRORS, openapi_extra=detect_operation(settings),
               dependencies=[Depends(require_key)], summary="Detect objects in one or more images")
     async def detect(request: Request) -> DetectResponse:
         t_start = time.perf_counter()
         engine = engine_of(request)
         inp = await parse(request, max_upload_bytes=settings.max_upload_bytes,
-                          max_images=settings.max_images_per_request)
+                          max_images=settings.max_images_per_request, check_classes=engine.class_ids)
         jobs = make_jobs(engine, settings, inp.images, score_threshold=inp.score_threshold,
                          max_detections=inp.max_detections, classes=inp.classes)
         answers = await run_jobs(request.app.state, jobs)
@@ -203,10 +193,12 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 class _MetricsMiddleware:
-    """Pure ASGI (no BaseHTTPMiddleware overhead): requests by route template and status, latency."""
+    """Pure ASGI (no BaseHTTPMiddleware overhead): requests by route template, method and status,
+    latency. Every label has a bounded set of values: routes are templates (or "unmatched"),
+    methods outside HTTP's usual ones are "other"."""
 
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: Any, metrics: Metrics, router: Any) -> None:
+        self.app, self.metrics, self.router = app, metrics, router
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -224,7 +216,18 @@ class _MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(path, scope.get("method", ""), str(status)).inc()
+            path = _route_label(scope, self.router)
+            self.metrics.requests.labels(path, method_label(scope.get("method", "")), str(status)).inc()
             self.metrics.latency.labels(path).observe(time.perf_counter() - t0)
+
+
+def _route_label(scope: dict, router: Any) -> str:
+    """The matched route's template. FastAPI's routes put themselves in the scope; Starlette's
+    plain routes (/docs, /openapi.json) do not, so they are matched here (a 405 keeps its route)."""
+    route = scope.get("route")
+    if route is None:
+        for candidate in router.routes:
+            if candidate.matches(scope)[0] is not Match.NONE:
+                route = candidate
+                break
+    return getattr(route, "path", None) or "unmatched"

@@ -1,6 +1,11 @@
-"""One JSON error shape for every client and server error: {"error", "detail", "image"}."""
+"""One JSON error shape for every client and server error: {"error", "detail", "image"}.
+
+No response of this app is a text/plain 500: a parse error that escapes a route is the client's 400,
+anything else a JSON 500 (logged)."""
 
 from __future__ import annotations
+
+import json
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,6 +19,9 @@ from runtime.images import (
     ImageTooLargeError,
     UnsupportedImageError,
 )
+
+# Raised only by parsing what a client sent (a body, a header, a query string): the client's 400.
+PARSE_ERRORS: tuple[type[BaseException], ...] = (RecursionError, UnicodeDecodeError, json.JSONDecodeError)
 
 
 class ApiError(Exception):
@@ -58,3 +66,16 @@ def install_handlers(app: FastAPI) -> None:
         parts = ["{}: {}".format(".".join(str(x) for x in e.get("loc", ())), e.get("msg", "")) for e in exc.errors()]
         return JSONResponse({"error": "invalid_request", "detail": "; ".join(parts), "image": None},
                             status_code=422)
+
+    async def _parse_error(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": "bad_request", "detail": f"cannot parse the request: {type(exc).__name__}",
+                             "image": None}, status_code=400)
+
+    for cls in PARSE_ERRORS:
+        app.add_exception_handler(cls, _parse_error)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette's ServerErrorMiddleware calls this, then re-raises: uvicorn logs the traceback.
+        return JSONResponse({"error": "internal_error", "detail": "internal server error", "image": None},
+                            status_code=500)

@@ -6,6 +6,10 @@ Accepted bodies:
     application/json     {"images": [base64 | data URL, ...], "names": [...]?, "score_threshold"?,
                          "max_detections"?, "classes"?}
 Query parameters score_threshold, max_detections, classes work with both; the body wins.
+
+Everything here reads bytes a client chose, so every failure is the client's: numbers are parsed
+with strict ASCII patterns (str.isdigit() and int() accept "²" and "٣"), JSON nesting and number
+length are bounded before the parser sees them, and whatever a parser still raises becomes a 400.
 """
 
 from __future__ import annotations
@@ -13,14 +17,24 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
 
 from server.errors import ApiError
-from server.schemas import DetectJSON
+from server.schemas import MAX_DETECTIONS, DetectJSON
+
+MAX_JSON_DEPTH = 32  # our bodies nest 2 deep; 100,000 levels would exhaust the parser's recursion
+MAX_NUMBER_CHARS = 32  # a 5,000-digit JSON integer costs quadratic time and int() refuses > 4,300 digits
+
+_INT = re.compile(r"[+-]?[0-9]{1,18}", re.ASCII)
+_FLOAT = re.compile(r"[+-]?(?:[0-9]{1,20}(?:\.[0-9]{0,20})?|\.[0-9]{1,20})(?:[eE][+-]?[0-9]{1,3})?", re.ASCII)
+_CLASS_ID = re.compile(r"[0-9]{1,9}", re.ASCII)
 
 
 @dataclass
@@ -31,11 +45,93 @@ class DetectInput:
     classes: list[str | int] | None
 
 
+# -- strict scalars (form fields and query parameters arrive as text) ----------------------------
+
+def strict_int(text: str, name: str) -> int:
+    """ASCII decimal integer, optional sign, at most 18 digits; anything else is a 422."""
+    s = text.strip(" \t")
+    if not _INT.fullmatch(s):
+        raise ApiError(422, "invalid_request", f"{name} must be an integer, got {_shown(text)}")
+    return int(s)
+
+
+def strict_float(text: str, name: str) -> float:
+    """ASCII decimal number (no nan, inf, underscores or non-ASCII digits); anything else is a 422."""
+    s = text.strip(" \t")
+    if not _FLOAT.fullmatch(s):
+        raise ApiError(422, "invalid_request", f"{name} must be a number, got {_shown(text)}")
+    return float(s)
+
+
+def class_refs(values: list[str]) -> list[str | int]:
+    """Repeated and comma-separated class references -> names (str) and ids (int, ASCII digits only)."""
+    out: list[str | int] = []
+    for v in values:
+        for part in v.split(","):
+            part = part.strip()
+            if part:
+                out.append(int(part) if _CLASS_ID.fullmatch(part) else part)
+    return out
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
+# -- JSON with bounded nesting and number length -------------------------------------------------
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string literal (escapes included)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH_STEP = np.zeros(256, np.int32)
+_DEPTH_STEP[list(b"[{")], _DEPTH_STEP[list(b"]}")] = 1, -1
+
+
+def json_depth(body: bytes) -> int:
+    """Deepest nesting of arrays and objects in `body`; brackets inside strings do not count."""
+    brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    if not brackets:
+        return 0
+    return int(np.cumsum(_DEPTH_STEP[np.frombuffer(brackets, np.uint8)]).max())
+
+
+def _bounded(convert):
+    def parse(text: str):
+        if len(text) > MAX_NUMBER_CHARS:
+            raise ApiError(400, "bad_json", f"number of {len(text)} characters in the body; "
+                                            f"at most {MAX_NUMBER_CHARS} are accepted")
+        return convert(text)
+    return parse
+
+
+def _json_number(x: float) -> float | int:
+    # JSON Schema's "integer" is any number with no fraction (3.0 too): such numbers are ints here
+    return int(x) if x.is_integer() else x
+
+
+def _no_constant(text: str):
+    raise ApiError(400, "bad_json", f"body is not valid JSON: {text} is not a JSON value")
+
+
+def load_json(body: bytes) -> object:
+    """json.loads with nesting, number length and NaN/Infinity refused as the client's 400s."""
+    opens = len(body) - len(body.translate(None, b"[{"))  # base64 has none: real bodies stop here
+    if opens > MAX_JSON_DEPTH and (depth := json_depth(body)) > MAX_JSON_DEPTH:
+        raise ApiError(400, "bad_json", f"JSON nested {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted")
+    try:
+        return json.loads(body, parse_int=_bounded(int), parse_float=_bounded(lambda t: _json_number(float(t))), parse_constant=_no_constant)
+    except (UnicodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, "bad_json", f"body is not valid JSON: {e}") from None
+    except RecursionError:  # the depth check counts brackets; this is only the parser's own last word
+        raise ApiError(400, "bad_json", "JSON nested too deeply") from None
+
+
+# -- the request ---------------------------------------------------------------------------------
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refusing more than `limit` bytes (413) before reading it when the length
     is declared and as soon as it is exceeded when it is streamed."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    declared = request.headers.get("content-length", "").strip()
+    if _INT.fullmatch(declared) and int(declared) > limit:
         raise ApiError(413, "request_too_large", f"request body of {declared} bytes exceeds {limit} bytes")
     chunks, size = [], 0
     try:
@@ -49,29 +145,58 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def parse(request: Request, *, max_upload_bytes: int, max_images: int) -> DetectInput:
+async def parse(request: Request, *, max_upload_bytes: int, max_images: int,
+                check_classes: Callable[[list[str | int]], object] | None = None) -> DetectInput:
+    """The request's images and options. `check_classes` (engine.class_ids) validates query classes
+    that the body's overrode: every value a client sends is checked, used or not."""
+    try:
+        return await _parse(request, max_upload_bytes=max_upload_bytes, max_images=max_images,
+                            check_classes=check_classes)
+    except (ValueError, TypeError, LookupError, RecursionError, OverflowError) as e:
+        # A parser's exception we did not foresee is still about the client's bytes: 400, never 500.
+        raise ApiError(400, "bad_request", f"cannot parse the request: {type(e).__name__}") from None
+
+
+async def _parse(request: Request, *, max_upload_bytes: int, max_images: int,
+                 check_classes: Callable[[list[str | int]], object] | None) -> DetectInput:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await read_body(request, max_upload_bytes)
     if ctype == "multipart/form-data":
         out = await _parse_multipart(request, body, max_images)
     elif ctype in ("application/json", "text/json") or ctype.endswith("+json"):
-        out = _parse_json(body)
+        out = _parse_json(body, max_images)
     else:
         raise ApiError(415, "unsupported_media_type",
                        f"content type {ctype or '(none)'} not accepted: send multipart/form-data or application/json")
-    q = request.query_params
-    if out.score_threshold is None and "score_threshold" in q:
-        out.score_threshold = _float(q["score_threshold"], "score_threshold")
-    if out.max_detections is None and "max_detections" in q:
-        out.max_detections = _int(q["max_detections"], "max_detections")
-    if out.classes is None and "classes" in q:
-        out.classes = _split(q.getlist("classes"))
     _check_options(out)
+    query = _query_options(request)
+    _check_options(query)
+    if query.classes and out.classes and check_classes is not None:
+        try:
+            check_classes(query.classes)
+        except KeyError as e:
+            raise ApiError(422, "unknown_class", str(e.args[0])) from None
+    # the body's fields win over the query's
+    out.score_threshold = query.score_threshold if out.score_threshold is None else out.score_threshold
+    out.max_detections = query.max_detections if out.max_detections is None else out.max_detections
+    out.classes = query.classes if out.classes is None else out.classes
     if not out.images:
         raise ApiError(400, "no_images", "no image in the request: send files in the `images` field")
-    if len(out.images) > max_images:
-        raise ApiError(413, "too_many_images", f"{len(out.images)} images in one request; the limit is {max_images}")
+    _check_count(len(out.images), max_images)
     return out
+
+
+def _query_options(request: Request) -> DetectInput:
+    q = request.query_params
+    score, top_k = q.get("score_threshold"), q.get("max_detections")
+    return DetectInput(images=[], score_threshold=strict_float(score, "score_threshold") if score else None,
+                       max_detections=strict_int(top_k, "max_detections") if top_k else None,
+                       classes=class_refs(q.getlist("classes")) or None)
+
+
+def _check_count(n: int, max_images: int) -> None:
+    if n > max_images:
+        raise ApiError(413, "too_many_images", f"{n} images in one request; the limit is {max_images}")
 
 
 async def _parse_multipart(request: Request, body: bytes, max_images: int) -> DetectInput:
@@ -86,9 +211,13 @@ async def _parse_multipart(request: Request, body: bytes, max_images: int) -> De
 
     replayed = Request(request.scope, replay)
     try:
-        form = await replayed.form(max_files=max_images + 1, max_fields=64)
+        form = await replayed.form(max_files=max_images, max_fields=64)
     except Exception as e:  # malformed multipart, too many parts
-        raise ApiError(400, "bad_multipart", f"cannot parse multipart body: {getattr(e, 'detail', e)}") from None
+        why = str(getattr(e, "detail", e))
+        if why.startswith("Too many files"):  # Starlette stops at max_files: the same limit as counting
+            raise ApiError(413, "too_many_images",
+                           f"more than {max_images} files in one request; the limit is {max_images}") from None
+        raise ApiError(400, "bad_multipart", f"cannot parse multipart body: {why}") from None
     try:
         images: list[tuple[str, bytes]] = []
         for key in ("images", "image"):
@@ -97,27 +226,33 @@ async def _parse_multipart(request: Request, body: bytes, max_images: int) -> De
                     images.append((value.filename or f"{key}[{i}]", await value.read()))
                 else:
                     raise ApiError(422, "not_a_file", f"form field `{key}` must be a file upload", image=f"{key}[{i}]")
-        classes = [str(c) for c in form.getlist("classes")]
+        score, top_k = _text_field(form, "score_threshold"), _text_field(form, "max_detections")
+        classes = [c for c in form.getlist("classes") if isinstance(c, str)]
         return DetectInput(
             images=images,
-            score_threshold=_float(form.get("score_threshold"), "score_threshold"),
-            max_detections=_int(form.get("max_detections"), "max_detections"),
-            classes=_split(classes) if classes else None,
+            score_threshold=strict_float(score, "score_threshold") if score else None,
+            max_detections=strict_int(top_k, "max_detections") if top_k else None,
+            classes=class_refs(classes) or None,
         )
     finally:
         await form.close()
 
 
-def _parse_json(body: bytes) -> DetectInput:
+def _text_field(form, name: str) -> str | None:
+    value = form.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ApiError(422, "invalid_request", f"form field `{name}` must be text, not a file")
+    return value
+
+
+def _parse_json(body: bytes, max_images: int) -> DetectInput:
+    payload = load_json(body)
     try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, "bad_json", f"body is not valid JSON: {e}") from None
-    try:
-        req = DetectJSON.model_validate(payload)
+        req = DetectJSON.model_validate(payload, strict=True)  # the schema's types, no coercion
     except ValidationError as e:
         parts = ["{}: {}".format(".".join(map(str, err["loc"])), err["msg"]) for err in e.errors()]
         raise ApiError(422, "invalid_request", "; ".join(parts)) from None
+    _check_count(len(req.images), max_images)  # before decoding any base64
     if req.names is not None and len(req.names) != len(req.images):
         raise ApiError(422, "invalid_request", "`names` must have one entry per image")
     images = []
@@ -137,36 +272,9 @@ def _b64decode(text: str, name: str) -> bytes:
         raise ApiError(400, "bad_base64", f"{name}: not valid base64", image=name) from None
 
 
-def _float(v: object, name: str) -> float | None:
-    if v is None or v == "":
-        return None
-    try:
-        return float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ApiError(422, "invalid_request", f"{name} must be a number, got {v!r}") from None
-
-
-def _int(v: object, name: str) -> int | None:
-    if v is None or v == "":
-        return None
-    try:
-        return int(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ApiError(422, "invalid_request", f"{name} must be an integer, got {v!r}") from None
-
-
-def _split(values: list[str]) -> list[str | int]:
-    out: list[str | int] = []
-    for v in values:
-        for part in v.split(","):
-            part = part.strip()
-            if part:
-                out.append(int(part) if part.isdigit() else part)
-    return out
-
-
 def _check_options(inp: DetectInput) -> None:
     if inp.score_threshold is not None and not 0.0 <= inp.score_threshold <= 1.0:
         raise ApiError(422, "invalid_request", f"score_threshold must be in [0, 1], got {inp.score_threshold}")
-    if inp.max_detections is not None and not 1 <= inp.max_detections <= 1000:
-        raise ApiError(422, "invalid_request", f"max_detections must be in [1, 1000], got {inp.max_detections}")
+    if inp.max_detections is not None and not 1 <= inp.max_detections <= MAX_DETECTIONS:
+        raise ApiError(422, "invalid_request",
+                       f"max_detections must be in [1, {MAX_DETECTIONS}], got {inp.max_detections}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_DETECTIONS = 1000  # most detections one image may ask for (max_detections)
+
 
 class Detection(BaseModel):
     box: list[float] = Field(..., min_length=4, max_length=4,
@@ -61,7 +63,7 @@ class DetectJSON(BaseModel):
     images: list[str] = Field(..., min_length=1, description="base64 image bytes (data: URLs accepted)")
     names: list[str] | None = Field(None, description="optional names echoed in results[].image")
     score_threshold: float | None = Field(None, ge=0.0, le=1.0)
-    max_detections: int | None = Field(None, ge=1)
+    max_detections: int | None = Field(None, ge=1, le=MAX_DETECTIONS)
     classes: list[str | int] | None = Field(None, description="names or label ids to keep")
 
 

@@ -25,20 +25,22 @@ def jpeg_bytes(size: tuple[int, int] = (320, 240), colour: tuple[int, int, int] 
 
 
 @contextlib.contextmanager
-def serve(settings) -> Iterator[tuple[str, object]]:
-    """Run create_app(settings) under uvicorn in a thread, on a socket bound to 127.0.0.1:0.
+def serve(settings, app=None, **config) -> Iterator[tuple[str, object]]:
+    """Run create_app(settings) (or `app`) under uvicorn in a thread, on a socket bound to 127.0.0.1:0,
+    with the uvicorn options python -m server uses (server/guard.py; `config` overrides them).
     Yields (base URL, uvicorn.Server); stopping it runs the app's shutdown (drain)."""
     import uvicorn
 
     from server import create_app
+    from server.guard import uvicorn_options
 
-    app = create_app(settings)
+    app = create_app(settings) if app is None else app
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=30))
+                                           timeout_graceful_shutdown=30, **{**uvicorn_options(settings), **config}))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 300
