@@ -76,12 +76,6 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(32 * 1024, ge=1024, description="request line + headers, else 431")
     max_connections: int = Field(512, ge=1, description="open connections; past it a 503 and close")
 
-    # connections (server/guard.py): what a slow or greedy client may hold
-    body_timeout_s: float = Field(30.0, gt=0, description="whole request body within this, else 408 and close")
-    header_timeout_s: float = Field(10.0, gt=0, description="request headers within this, else 408 and close")
-    max_header_bytes: int = Field(32 * 1024, ge=1024, description="request line + headers, else 431")
-    max_connections: int = Field(512, ge=1, description="open connections; past it a 503 and close")
-
     # response defaults (a request may override them)
     score_threshold: float = Field(0.5, ge=0.0, le=1.0)
     max_detections: int = Field(100, ge=1)
