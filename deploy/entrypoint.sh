@@ -25,8 +25,7 @@ if [ "${1:-}" = bake ]; then
     mkdir -p "$out"
     python -m export onnx --checkpoint "$ckpt" --out "$out/$name.onnx"
     digest "$ckpt" > "$out/$name.sha256"
-    # export writes through a private temporary file (0600, root's at build time): the server's
-    # user must be able to read the graph
+    # the server's user reads the graph, whatever the build's umask
     chmod -R a+rX "$out"
     exit 0
 fi
@@ -40,15 +39,9 @@ if [ -d "$model" ]; then
     else
         cache="${EXPORT_CACHE_DIR:-/var/cache/frcnn}"
         mkdir -p "$cache"
-        # --if-stale: a volume that kept an export of this same checkpoint is not exported again
-        # (only export CLIs that have the option; older ones export on every start)
-        if_stale=""
-        if python -m export onnx --help 2>/dev/null | grep -q -- --if-stale; then
-            if_stale="--if-stale"
-        fi
         echo "frcnn-entrypoint: $model is not the baked model; exporting it to $cache/model.onnx" >&2
-        # shellcheck disable=SC2086  # an empty flag must vanish, not become ""
-        python -m export onnx --checkpoint "$model" --out "$cache/model.onnx" $if_stale
+        # --if-stale: a volume that kept an export of this same checkpoint is not exported again
+        python -m export onnx --checkpoint "$model" --out "$cache/model.onnx" --if-stale
         FRCNN_MODEL="$cache/model.onnx"
     fi
     export FRCNN_MODEL
