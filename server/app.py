@@ -29,6 +29,7 @@ from server.jobs import make_jobs, run_jobs
 from server.metrics import Metrics, method_label
 from server.model_source import load_pipeline
 from server.openapi import detect_operation, install_openapi
+from server.respond import detect_body
 from server.schemas import (
     Detection,
     DetectResponse,
@@ -61,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         state = app.state
         pipe = await asyncio.to_thread(load_pipeline, settings)
-        engine = Engine(pipe, max_pixels=settings.max_pixels)
+        engine = Engine(pipe, max_pixels=settings.max_pixels, mixed_batches=settings.batch_mixed_sizes)
         warm_s = await asyncio.to_thread(engine.warmup)
         engine.on_backend = metrics.backend.observe
         log.info("model %s (%s) warmed up in %.2fs", engine.model_name, engine.backend_name, warm_s)
@@ -73,11 +74,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             finally:
                 metrics.preprocess.observe(time.perf_counter() - t0)
 
-        batcher = MicroBatcher(prepare=prepare, handle=engine.handle, max_batch_size=settings.max_batch_size,
-                               max_delay_s=settings.max_delay_ms / 1000.0, queue_size=settings.queue_size,
-                               workers=settings.workers, on_batch=metrics.observe_batch)
+        batcher = MicroBatcher(prepare=prepare, handle=engine.handle, key=engine.batch_key,
+                               max_batch_size=settings.max_batch_size, max_delay_s=settings.max_delay_ms / 1000.0,
+                               queue_size=settings.queue_size, workers=settings.workers,
+                               large_cost=settings.large_decode_pixels, cost_budget=settings.decode_pixel_budget,
+                               infer_threads=settings.inference_threads, on_batch=metrics.observe_batch,
+                               on_cancel=lambda stage, n: metrics.cancelled.labels(stage).inc(n))
         await batcher.start()
-        metrics.queue_depth.set_function(lambda: batcher.depth)
+        metrics.watch(batcher)
         state.engine, state.batcher, state.draining = engine, batcher, False
         metrics.ready.set(1)
         try:
@@ -123,8 +127,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                           max_images=settings.max_images_per_request, check_classes=engine.class_ids)
         jobs = make_jobs(engine, settings, inp.images, score_threshold=inp.score_threshold,
                          max_detections=inp.max_detections, classes=inp.classes)
-        answers = await run_jobs(request.app.state, jobs)
-        return _response(engine, answers, t_start)
+        answers = await run_jobs(request.app.state, jobs, request)
+        # Encoded here once (orjson), not validated again by FastAPI: DetectResponse's shape.
+        return Response(detect_body(engine, answers, t_start), media_type="application/json")
 
     @app.get("/health", response_model=Health, summary="Liveness: the process answers")
     async def health() -> Health:
