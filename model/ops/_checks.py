@@ -24,7 +24,7 @@ def _fmt(pattern: Pattern) -> str:
 
 
 def _got(t: Tensor) -> str:
-    return _fmt(tuple(int(s) if isinstance(s, int) else s for s in t.shape)) if t.dim() else "() (a scalar)"
+    return _fmt(tuple(t.shape)) if t.dim() else "() (a scalar)"
 
 
 class ArgChecker:
@@ -66,7 +66,8 @@ class ArgChecker:
                     self.fail(f"{name} must have shape {_fmt(pattern)}, got {_got(t)}")
             elif want in self.dims:
                 bound, source = self.dims[want]
-                if not _same(size, bound, lambda: f"{self.fn}: {name} and {source} disagree on {want}"):
+                msg = f"{self.fn}: {name} and {source} disagree on {want}"
+                if not _same(size, bound, lambda msg=msg: msg):
                     self.fail(f"{name} must have shape {_fmt(pattern)} with {want} = {bound} "
                               f"from {source}, got {_got(t)}")
             else:
