@@ -182,12 +182,14 @@ def guarded_protocol(*, header_timeout_s: float, max_header_bytes: int, max_conn
 
 def uvicorn_options(settings: Any) -> dict[str, Any]:
     """uvicorn.Config keywords for `settings`: the guarded protocol where httptools is installed
-    (uvicorn[standard]); otherwise h11 with its header size limit and no header deadline."""
+    (uvicorn[standard]); otherwise h11 with its own header size limit and uvicorn's concurrency
+    limit, and no header deadline."""
     try:
         import httptools  # noqa: F401
     except ImportError:
-        log.warning("httptools not installed: no header deadline or connection cap (pip install 'uvicorn[standard]')")
-        return {"http": "h11", "h11_max_incomplete_event_size": settings.max_header_bytes}
+        log.warning("httptools not installed: no header deadline, text/plain refusals (pip install 'uvicorn[standard]')")
+        return {"http": "h11", "h11_max_incomplete_event_size": settings.max_header_bytes,
+                "limit_concurrency": settings.max_connections}
     return {"http": guarded_protocol(header_timeout_s=settings.header_timeout_s,
                                      max_header_bytes=settings.max_header_bytes,
                                      max_connections=settings.max_connections)}
