@@ -3,7 +3,7 @@
     python -m export onnx --checkpoint CKPT --out model.onnx [--opset 18] [--with-nms] [--max-detections K] [--if-stale]
     python -m export verify --checkpoint CKPT --model model.onnx --images DIR [--annotations GT]
     python -m export tensorrt --model model.onnx --out model.engine [--fp16] [--int8 --calib-images DIR]
-    python -m export triton --model model.onnx|model.engine --repo DIR [--name frcnn]
+    python -m export triton --checkpoint CKPT --repo DIR [--name frcnn] [--raw]   (or --model model.onnx|.engine)
 """
 
 from __future__ import annotations
@@ -53,9 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-hw", type=int, nargs=2, default=(1024, 1024), metavar=("H", "W"))
     t.add_argument("--workspace-gb", type=float, default=4.0)
 
-    r = sub.add_parser("triton", help="write a Triton model repository for an .onnx or .engine")
-    r.add_argument("--model", required=True)
+    r = sub.add_parser("triton", help="write a Triton model repository (default: the batchable --with-nms graph)")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint to export (the --with-nms graph unless --raw)")
+    src.add_argument("--model", help="an exported .onnx or .engine, either flavour")
     r.add_argument("--repo", required=True, help="model repository directory")
+    r.add_argument("--raw", action="store_true", help="with --checkpoint: the raw graph (Triton cannot batch it)")
+    r.add_argument("--max-detections", type=int, default=100, help="K: rows per image of the NMS graph")
+    r.add_argument("--no-verify", action="store_true", help="with --checkpoint: skip the parity gate")
     r.add_argument("--name", default="frcnn")
     r.add_argument("--max-batch-size", type=int, default=8)
     r.add_argument("--instances", type=int, default=1)
@@ -114,10 +119,15 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
         return 0
     if args.command == "triton":
-        from export.triton import write_model_repository
+        from export.triton import write_model_repository, write_repository_from_checkpoint
 
-        path = write_model_repository(args.model, args.repo, name=args.name, max_batch_size=args.max_batch_size,
-                                      instances=args.instances, kind=args.kind)
+        common = dict(name=args.name, max_batch_size=args.max_batch_size, instances=args.instances, kind=args.kind)
+        if args.checkpoint:
+            path = write_repository_from_checkpoint(args.checkpoint, args.repo, raw=args.raw,
+                                                    max_detections=args.max_detections,
+                                                    verify=not args.no_verify, **common)
+        else:
+            path = write_model_repository(args.model, args.repo, **common)
         print(f"wrote {path}")
         return 0
     return 2

@@ -1,31 +1,38 @@
-"""A Triton Inference Server model repository for an exported .onnx or .engine.
+"""A Triton Inference Server model repository that Triton can batch.
 
-    python -m export triton --model model.onnx --repo deploy/triton --name frcnn
+    python -m export triton --checkpoint CKPT --repo out/triton [--name frcnn] [--max-detections 100]
+    python -m export triton --model model.onnx|model.engine --repo out/triton     # an exported graph
+    python -m export triton --checkpoint CKPT --repo out/triton --raw              # raw layout
 
 Writes REPO/NAME/config.pbtxt, REPO/NAME/1/model.onnx (or model.plan), REPO/NAME/labels.txt and
 REPO/NAME/frcnn.json (the graph metadata: class names, preprocessing, postprocess settings).
 
-Batching: a --with-nms graph has every output batch-major with fixed K ([B, K, 4], [B, K], [B, K],
-[B]), so Triton's dynamic batcher can stack requests and split the outputs back per request
-(max_batch_size > 0). A raw graph's outputs are RoI-major with a data-dependent R
-(batch_idx [R], scores [R, C], boxes [R, C, 4]): Triton cannot split them per request, so a raw
-graph gets max_batch_size 0, explicit batch dims and no dynamic batcher -- clients send whole
-batches and run model.postprocess themselves. Prefer the --with-nms graph for Triton.
-Requests are only stacked when their shapes agree: clients should pad every image to one size
-(e.g. 1024 x 1024 for min 600 / max 1000: 608 x 1024 and 1024 x 608 both fit); image_sizes
-keeps the padding out of the results. Boxes come back in resized-image pixels (scale by
-original / image_sizes).
+Default, from a checkpoint: the --with-nms graph. Its outputs are batch-major with a fixed K
+(boxes [B, K, 4], scores [B, K], labels [B, K], num_detections [B]), so Triton's dynamic batcher can
+stack requests and split the outputs back per request: max_batch_size > 0, preferred batch sizes.
+--raw (or --model with a raw graph): outputs are RoI-major with a data-dependent R (batch_idx [R],
+scores [R, C], boxes [R, C, 4]); Triton cannot split them per request, so the config gets
+max_batch_size 0, explicit batch dims and no dynamic batcher, and clients run model.postprocess.
+
+Preprocessing is the client's step (Triton runs the graph only): runtime/triton_io.py's
+triton_inputs() resizes, normalises and pads every image to one square (Triton only stacks equal
+shapes; image_sizes keeps the padding out of the results) and triton_detections() maps the boxes
+from resized-image pixels back to the original image. See deploy/triton/README.md.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 import onnx
 
 from runtime.contract import INPUTS, GraphMetadata, TensorSpec, output_specs
+
+log = logging.getLogger(__name__)
 
 _TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64", "int32": "TYPE_INT32", "float16": "TYPE_FP16"}
 
@@ -94,9 +101,27 @@ def write_model_repository(model_path: str | Path, repo: str | Path, *, name: st
     model_dir = repo / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model_path, model_dir / "1" / ("model.plan" if engine else "model.onnx"))
+    if not meta.with_nms:
+        log.warning("%s is a raw graph: Triton cannot batch it (max_batch_size 0) and clients must run the "
+                    "class-wise NMS; `python -m export triton --checkpoint CKPT` writes the batchable NMS graph",
+                    model_path)
     cfg = config_pbtxt(meta, name=name, platform=platform, max_batch_size=max_batch_size,
                        instances=instances, kind=kind)
     (model_dir / "config.pbtxt").write_text(cfg)
     (model_dir / "labels.txt").write_text("\n".join(meta.class_names) + "\n")
     (model_dir / "frcnn.json").write_text(json.dumps(meta.to_props(), indent=2) + "\n")
     return model_dir / "config.pbtxt"
+
+
+def write_repository_from_checkpoint(checkpoint: str | Path, repo: str | Path, *, name: str = "frcnn",
+                                     raw: bool = False, max_detections: int = 100, max_batch_size: int = 8,
+                                     instances: int = 1, kind: str | None = None, verify: bool = True) -> Path:
+    """Export `checkpoint` (the --with-nms graph unless raw; gated against the checkpoint unless
+    verify=False) and write its repository REPO/NAME; returns the config.pbtxt path."""
+    from export.onnx_export import export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="frcnn-triton-") as tmp:
+        graph = export_onnx(checkpoint, Path(tmp) / "model.onnx", with_nms=not raw,
+                            max_detections=max_detections, verify=verify)
+        return write_model_repository(graph, repo, name=name, max_batch_size=max_batch_size,
+                                      instances=instances, kind=kind)
