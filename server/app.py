@@ -28,6 +28,9 @@ from server.jobs import engine_of as jobs_engine_of
 from server.jobs import make_jobs, run_jobs
 from server.metrics import Metrics, method_label
 from server.model_source import load_pipeline
+from server.oip import include_oip, model_version
+from server.sample import SAMPLE_PATH, has_sample
+from server.sample import router as sample_router
 from server.openapi import detect_operation, install_openapi
 from server.respond import detect_body
 from server.schemas import (
@@ -153,7 +156,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = engine_of(request)
         return ModelInfo(name=engine.model_name, backend=engine.backend_name, classes=engine.class_names,
                          input=_jsonable(engine.input_settings), max_batch_size=settings.max_batch_size,
-                         score_threshold=settings.score_threshold, max_detections=settings.max_detections)
+                         score_threshold=settings.score_threshold, max_detections=settings.max_detections,
+                         version=model_version(engine), precision=str(getattr(engine.pipe, "precision", "fp32")),
+                         sample=SAMPLE_PATH if has_sample(engine.class_names) else None)
+
+    include_oip(app, require_key=require_key)  # /v2/...: Open Inference Protocol on the same batcher
+    app.include_router(sample_router)  # /sample.png
 
     page = resources.files("server").joinpath("static/index.html").read_text(encoding="utf-8")
 

@@ -375,7 +375,7 @@ def build_routers(require_key: Callable[..., None]) -> tuple[APIRouter, APIRoute
             jobs = make_jobs(engine, settings, images, **_options(req.parameters))
         except ValueError as e:  # a class spelled in a way no parser takes
             raise ApiError(422, "unknown_class", str(e)) from None
-        answers = await run_jobs(request.app.state, jobs)
+        answers = await run_jobs(request.app.state, jobs, request)  # request: cancelled if the client goes
         arrays = _output_arrays(answers, jobs[0].max_detections)
         return _infer_response(req, wanted, arrays, engine.model_name, model_version(engine))
 

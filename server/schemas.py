@@ -33,6 +33,9 @@ class ModelInfo(BaseModel):
     max_batch_size: int
     score_threshold: float = Field(..., description="default when a request gives none")
     max_detections: int
+    version: str = Field("1", description="as the Open Inference Protocol routes (/v2/models/...) report it")
+    precision: str = Field("fp32", description="what the graph computes in: fp32, fp16 or int8")
+    sample: str | None = Field(None, description="relative URL of a sample image this model was made for")
 
 
 class ModelSummary(BaseModel):
