@@ -29,10 +29,10 @@ from server.jobs import make_jobs, run_jobs
 from server.metrics import Metrics, method_label
 from server.model_source import load_pipeline
 from server.oip import include_oip, model_version
-from server.sample import SAMPLE_PATH, has_sample
-from server.sample import router as sample_router
 from server.openapi import detect_operation, install_openapi
 from server.respond import detect_body
+from server.sample import SAMPLE_PATH, has_sample
+from server.sample import router as sample_router
 from server.schemas import (
     Detection,
     DetectResponse,
