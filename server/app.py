@@ -28,6 +28,7 @@ from server.jobs import engine_of as jobs_engine_of
 from server.jobs import make_jobs, run_jobs
 from server.metrics import Metrics, method_label
 from server.model_source import load_pipeline
+from server.openapi import detect_operation, install_openapi
 from server.oip import include_oip, model_version
 from server.openapi import detect_operation, install_openapi
 from server.respond import detect_body

@@ -8,7 +8,8 @@ refuses with a text/plain 503 after counting connections and tasks together, so:
     guarded_protocol()  uvicorn's httptools protocol plus: headers within `header_timeout_s` of their
                         first byte (or of the connection) else 408 and close; at most
                         `max_header_bytes` of them (431); past `max_connections` open connections
-                        a JSON 503 with Retry-After, then close.
+                        a JSON 503 with Retry-After, then close; unparsable HTTP a JSON 400
+                        (uvicorn's is text/plain).
     uvicorn_options()   the uvicorn.Config keywords that wire these from Settings (python -m server
                         and the tests use the same ones).
 
@@ -24,7 +25,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+            503: b"Service Unavailable"}
 
 
 def _error_body(error: str, detail: str) -> bytes:
@@ -56,8 +58,10 @@ class BodyDeadline:
 
         async def guarded_receive() -> dict:
             nonlocal body_done, answered
-            if body_done or answered:
-                return await receive() if not answered else {"type": "http.disconnect"}
+            if answered:
+                return {"type": "http.disconnect"}
+            if body_done:  # waiting for a disconnect, say: no deadline once the body is in
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
