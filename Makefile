@@ -20,8 +20,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: install
 	$(PY) -m pytest -q
 
+# A checkpoint directory is exported to ONNX first (only when the cached graph is missing or stale:
+# its metadata records the checkpoint's digest), then served by onnxruntime; a file is served as is.
+SERVE_CACHE ?= .cache/serve
+ifeq ($(suffix $(MODEL)),)
+SERVE_MODEL := $(SERVE_CACHE)/$(notdir $(MODEL)).onnx
+else
+SERVE_MODEL := $(MODEL)
+endif
+
 serve: install
-	$(PY) -m server --host $(HOST) --port $(PORT)
+ifeq ($(suffix $(MODEL)),)
+	$(PY) -m export onnx --checkpoint $(MODEL) --out $(SERVE_MODEL) --if-stale
+endif
+	$(PY) -m server --model $(SERVE_MODEL) --host $(HOST) --port $(PORT)
 
 bench: install
 	$(PY) -m benchmarks.core

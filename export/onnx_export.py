@@ -194,8 +194,14 @@ def is_fresh(out_path: str | Path, checkpoint_dir: str | Path) -> bool:
 
 
 def export_onnx(checkpoint_dir: str | Path, out_path: str | Path, *, opset: int = 18, with_nms: bool = False,
-                max_detections: int = 100, verify: bool = True) -> Path:
+                max_detections: int = 100, verify: bool = True, precision: str = "fp32",
+                calib_images: str | Path | None = None, calib_count: int = 32,
+                calib_method: str = "minmax") -> Path:
     """Export a checkpoint directory (model.safetensors + model.json) to `out_path` (.onnx).
+
+    precision "fp16" or "int8" (export/precision.py) reduces the graph after tracing; int8 is
+    calibrated on the first `calib_count` images of `calib_images`, and gated on the next ones
+    (besides the synthetic ones every precision is gated on), with that precision's thresholds.
 
     The graph is written beside `out_path` under a temporary name, gated (verify=True), then renamed:
     a failed gate (export.verify.GateFailed) leaves nothing at `out_path` that looks verified, and two
@@ -209,6 +215,22 @@ def export_onnx(checkpoint_dir: str | Path, out_path: str | Path, *, opset: int 
     props = {p.key: p.value for p in proto.metadata_props}
     props[contract.META_SOURCE_DIGEST] = json.dumps(source_digest(checkpoint_dir))
     onnx.helper.set_model_props(proto, props)
+    gate_images = None
+    if precision != "fp32":
+        from export.precision import calibration_feeds, to_precision
+        from runtime.images import list_images, load_image
+        from runtime.pipeline import Pipeline
+
+        feeds = None
+        if precision == "int8":
+            if calib_images is None:
+                raise ValueError("--precision int8 needs --calib-images DIR (real images, e.g. training photos)")
+            paths = list_images(calib_images)
+            calib, held_out = paths[:calib_count], paths[calib_count:calib_count + 8]
+            pipe = Pipeline.from_model(net, cfg, meta.class_names, name=Path(checkpoint_dir).name)
+            feeds = calibration_feeds(pipe, (load_image(p) for p in calib))
+            gate_images = [load_image(p) for p in held_out] or None
+        proto = to_precision(proto, precision, feeds=feeds, method=calib_method)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}.part-", suffix=".onnx", dir=out_path.parent)
@@ -224,7 +246,7 @@ def export_onnx(checkpoint_dir: str | Path, out_path: str | Path, *, opset: int 
             from runtime.pipeline import Pipeline
 
             reference = Pipeline.from_model(net, cfg, meta.class_names, name=Path(checkpoint_dir).name)
-            quick_verify(reference, out_path, other=Pipeline.load(tmp_path))
+            quick_verify(reference, out_path, other=Pipeline.load(tmp_path), real_images=gate_images)
         os.replace(tmp_path, out_path)
     finally:
         tmp_path.unlink(missing_ok=True)
