@@ -82,7 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                max_batch_size=settings.max_batch_size, max_delay_s=settings.max_delay_ms / 1000.0,
                                queue_size=settings.queue_size, workers=settings.workers,
                                large_cost=settings.large_decode_pixels, cost_budget=settings.decode_pixel_budget,
-                               infer_threads=settings.inference_threads, on_batch=metrics.observe_batch,
+                               infer_threads=settings.inference_threads, wait_when_idle=settings.wait_when_idle,
+                               on_batch=metrics.observe_batch,
                                on_cancel=lambda stage, n: metrics.cancelled.labels(stage).inc(n))
         await batcher.start()
         metrics.watch(batcher)

@@ -75,14 +75,15 @@ class MicroBatcher(Generic[In, Prep, Out]):
                  key: Callable[[Prep], Hashable] | None = None,
                  max_batch_size: int = 8, max_delay_s: float = 0.01, queue_size: int = 64,
                  workers: int = 2, large_workers: int = 1, large_cost: int | None = None,
-                 cost_budget: int | None = None, infer_threads: int = 1,
+                 cost_budget: int | None = None, infer_threads: int = 1, wait_when_idle: bool = False,
                  on_batch: Callable[[BatchStats], None] | None = None,
                  on_cancel: Callable[[str, int], None] | None = None) -> None:
         """key: bucket of a prepared item (None: one bucket for all). cost: what submit says an
         item will cost to prepare (decoded pixels); above large_cost it runs in the large lane;
         cost_budget bounds the cost being prepared at once. infer_threads: backend calls that may
         run at once (1: backends are not re-entrant and a batch should own the intra-op threads).
-        on_cancel(stage, n): n items dropped before their "decode" or their "inference"."""
+        on_cancel(stage, n): n items dropped before their "decode" or their "inference".
+        wait_when_idle: wait max_delay for company even on an idle server (see _due)."""
         if max_batch_size < 1 or queue_size < 1 or workers < 1 or max_delay_s < 0 or infer_threads < 1:
             raise ValueError("max_batch_size, queue_size, workers, infer_threads >= 1 and max_delay_s >= 0 required")
         self.prepare = prepare
@@ -91,6 +92,7 @@ class MicroBatcher(Generic[In, Prep, Out]):
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
+        self.wait_when_idle = wait_when_idle
         self.on_batch = on_batch
         self.on_cancel = on_cancel
         big = 1 << 62
@@ -233,7 +235,9 @@ class MicroBatcher(Generic[In, Prep, Out]):
         # Wait for company only under load (the last batch was shared or left items pending) or
         # while images are still being decoded: an idle server answers a lone image at once
         # instead of adding max_delay to it.
-        wait = self.max_delay_s if (self._under_load or self._preparing) else 0.0
+        # wait_when_idle: always wait (more batching for bursts; lone requests pay max_delay).
+        waiting = self.wait_when_idle or self._under_load or self._preparing
+        wait = self.max_delay_s if waiting else 0.0
         best_key, best_age, next_in = None, None, None
         for key, q in self._buckets.items():
             head = q[0].ready_at

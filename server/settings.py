@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     batch_mixed_sizes: bool = Field(False, description="let images of different padded sizes share a batch "
                                     "(padded to the largest): more throughput under mixed sizes, but an "
                                     "image's answer then depends on what it is batched with")
+    wait_when_idle: bool = Field(False, description="wait max_delay_ms for a batch to fill even when the "
+                                 "server is idle (by default an idle server runs a lone image at once)")
     inference_threads: int = Field(1, ge=1, le=16, description="backend calls that may run at once "
                                    "(different padded sizes); 1 lets each batch own every intra-op thread")
 
@@ -63,7 +65,6 @@ class Settings(BaseSettings):
                                      "their own lane (one thread), so small images never wait behind them")
     max_decode_pixels: int | None = Field(None, ge=1, description="decoded pixels in flight across the server "
                                           "(memory); None = max_pixels + workers x large_decode_pixels")
-
 
     # input limits
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)

@@ -188,3 +188,153 @@ def test_idle_batcher_does_not_wait_out_the_delay():
         return first
 
     assert _run(main()) == 9 and [s.size for s in stats] == [1]
+
+
+# -- buckets: images batch only with images of the same key (the padded size) ----------------------
+
+def test_items_batch_only_with_items_of_their_key():
+    stats: list[BatchStats] = []
+    seen: list[list[int]] = []
+
+    def handle(items):
+        seen.append(list(items))
+        return items
+
+    async def main():
+        b = MicroBatcher(prepare=lambda x: x, handle=handle, key=lambda x: x % 2, max_batch_size=4,
+                         max_delay_s=60.0, on_batch=stats.append)
+        await b.start()
+        out = await asyncio.gather(*[b.submit_nowait(i) for i in range(8)])  # 4 even, 4 odd: two full buckets
+        await b.stop()
+        return out
+
+    assert _run(main()) == list(range(8))
+    assert sorted(map(sorted, seen)) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert sorted((s.key, s.size) for s in stats) == [(0, 4), (1, 4)]
+
+
+def test_oldest_due_bucket_runs_first_not_the_fullest():
+    """Fair across sizes: a full bucket does not overtake an older item of another size."""
+    order: list[list[str]] = []
+    gate = threading.Event()
+
+    def handle(items):
+        if items == ["x0"]:
+            gate.wait(5)  # hold the backend while the others queue up
+        order.append(list(items))
+        return items
+
+    async def main():
+        b = MicroBatcher(prepare=lambda x: x, handle=handle, key=lambda x: x[0], max_batch_size=4, max_delay_s=0.0)
+        await b.start()
+        first = b.submit_nowait("x0")
+        while b.depth:  # x0 is in the (held) backend
+            await asyncio.sleep(0)
+        rest = [b.submit_nowait(s) for s in ("a1", "b1", "b2", "b3", "b4")]
+        while b.lanes.running("small") or b._preparing:  # all five decoded and bucketed
+            await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(first, *rest)
+        await b.stop()
+
+    _run(main())
+    assert order == [["x0"], ["a1"], ["b1", "b2", "b3", "b4"]]
+
+
+def test_cancel_group_drops_unstarted_decodes_and_keeps_decoded_items_from_the_backend():
+    started: list[int] = []
+    release = threading.Event()
+    handled: list[int] = []
+    cancelled: list[tuple[str, int]] = []
+
+    def prepare(x: int) -> int:
+        started.append(x)
+        if x == 0:
+            release.wait(5)  # the first decode is running when the request goes away
+        return x
+
+    def handle(items):
+        handled.extend(items)
+        return items
+
+    async def main():
+        b = MicroBatcher(prepare=prepare, handle=handle, max_batch_size=8, max_delay_s=0.0, workers=1,
+                         on_cancel=lambda stage, n: cancelled.append((stage, n)))
+        await b.start()
+        group = object()
+        futs = [b.submit_nowait(i, group=group) for i in range(4)]
+        while not started:
+            await asyncio.sleep(0)
+        b.cancel_group(group)
+        release.set()
+        other = await b.submit(99)  # the batcher goes on serving others
+        await b.stop()
+        return futs, other
+
+    futs, other = _run(main())
+    assert other == 99 and all(f.cancelled() for f in futs)
+    assert started == [0, 99]  # items 1-3 never decoded
+    assert handled == [99]  # item 0, decoded after its request left, never reached the backend
+    assert sorted(cancelled) == [("decode", 3), ("inference", 1)]
+
+
+# -- decode lanes ----------------------------------------------------------------------------------
+
+def test_lanes_take_turns_between_groups_and_keep_large_images_apart():
+    from server.lanes import DecodeLanes
+
+    order: list[str] = []
+    hold = threading.Event()
+
+    def work(name: str) -> str:
+        if name == "a1":
+            hold.wait(5)
+        order.append(name)
+        return name
+
+    lanes = DecodeLanes(workers=1, large_workers=1, large_cost=100, budget=10_000)
+    try:
+        futs = [lanes.submit("A", 1, work, n) for n in ("a1", "a2", "a3")]
+        while not lanes.running("small"):  # a1 holds the one small-lane thread
+            pass
+        futs.append(lanes.submit("B", 1, work, "b1"))
+        big = lanes.submit("C", 1000, work, "big")  # its own lane: runs although the small lane is held
+        assert big.result(5) == "big"
+        hold.set()
+        assert [f.result(5) for f in futs] == ["a1", "a2", "a3", "b1"]
+    finally:
+        hold.set()
+        lanes.shutdown()
+    # B's one image waits for one more of A's, not for all of them
+    assert order == ["big", "a1", "a2", "b1", "a3"]
+
+
+def test_lanes_pixel_budget_bounds_what_runs_at_once():
+    from server.lanes import DecodeLanes
+
+    running, peak = [0], [0]
+    lock = threading.Lock()
+
+    def work(meet):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        if meet is not None:
+            meet.wait()  # BrokenBarrierError unless `meet.parties` tasks run at once
+        else:
+            threading.Event().wait(0.02)  # a decode's duration: time for a wrong second start
+        with lock:
+            running[0] -= 1
+
+    lanes = DecodeLanes(workers=4, large_workers=1, large_cost=10**9, budget=10)
+    try:
+        for f in [lanes.submit(i, 6, work, None) for i in range(4)]:  # 6 + 6 > 10: one at a time
+            f.result(5)
+        assert peak[0] == 1
+        peak[0] = 0
+        meet = threading.Barrier(3, timeout=5)
+        for f in [lanes.submit(i, 3, work, meet) for i in range(6)]:  # three fit (9 <= 10), a fourth does not
+            f.result(10)
+        assert peak[0] == 3
+    finally:
+        lanes.shutdown()

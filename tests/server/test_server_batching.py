@@ -31,32 +31,53 @@ async def _burst(url: str, n: int, data: bytes, **kw) -> list[httpx.Response]:
 
 
 def test_concurrent_requests_are_batched(make_settings):
-    with serve(make_settings(max_batch_size=4, max_delay_ms=50)) as (url, _):
+    # wait_when_idle and a max_delay (10 s) beyond the test: a batch leaves only when full, so 12
+    # same-size images make exactly three batches of four whatever the machine's speed.
+    with serve(make_settings(max_batch_size=4, max_delay_ms=10_000, wait_when_idle=True)) as (url, _):
         responses = asyncio.run(_burst(url, 12, jpeg_bytes()))
         metrics = httpx.get(f"{url}/metrics").text
     assert [r.status_code for r in responses] == [200] * 12
     assert sorted(r.json()["results"][0]["image"] for r in responses) == sorted(f"{i}.jpg" for i in range(12))
-    batches = _metric(metrics, "frcnn_batch_size_count")  # the warm-up does not count
-    images = _metric(metrics, "frcnn_batch_size_sum")
-    assert images == 12
-    assert batches < 12, "concurrent requests should share backend calls"
-    assert _metric(metrics, 'frcnn_batch_size_bucket{le="1.0"}') < batches
-    assert _metric(metrics, 'frcnn_batch_size_bucket{le="4.0"}') == batches  # never above max_batch_size
+    assert _metric(metrics, "frcnn_batch_size_count") == 3  # the warm-up does not count
+    assert _metric(metrics, "frcnn_batch_size_sum") == 12
+    assert _metric(metrics, 'frcnn_batch_size_bucket{le="3.0"}') == 0  # every batch full
+    shape = re.findall(r'^frcnn_shape_images_total\{shape="(\d+x\d+)"\} 12.0$', metrics, re.M)
+    assert len(shape) == 1, "one padded shape, all twelve images"
+    assert _metric(metrics, f'frcnn_shape_batches_total{{shape="{shape[0]}"}}') == 3
     assert _metric(metrics, 'frcnn_requests_total{method="POST",route="/detect",status="200"}') == 12
 
 
-def test_full_queue_answers_503_with_retry_after(make_settings):
-    with serve(make_settings(max_batch_size=1, max_delay_ms=0, queue_size=2)) as (url, _):
-        responses = asyncio.run(_burst(url, 24, jpeg_bytes((640, 480))))
-        after = httpx.post(f"{url}/detect", files={"images": ("x.jpg", jpeg_bytes(), "image/jpeg")}, timeout=60)
+def test_two_sizes_run_in_separate_batches(make_settings):
+    """Landscape and portrait images pad to different sizes: never one batch, each size batched."""
+    wide, tall = jpeg_bytes((640, 480)), jpeg_bytes((480, 640))
+
+    async def burst(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+            return await asyncio.gather(*[c.post("/detect", files={"images": (f"{i}.jpg", wide if i % 2 else tall,
+                                                                              "image/jpeg")}) for i in range(8)])
+
+    with serve(make_settings(max_batch_size=4, max_delay_ms=10_000, wait_when_idle=True)) as (url, _):
+        responses = asyncio.run(burst(url))
         metrics = httpx.get(f"{url}/metrics").text
-    codes = [r.status_code for r in responses]
-    assert set(codes) == {200, 503}, codes
-    for r in responses:
-        if r.status_code == 503:
-            assert r.headers["retry-after"] == "1" and r.json()["error"] == "overloaded"
-    assert after.status_code == 200
-    assert _metric(metrics, "frcnn_rejected_total") == codes.count(503)
+    assert [r.status_code for r in responses] == [200] * 8
+    shapes = dict(re.findall(r'^frcnn_shape_batches_total\{shape="(\d+x\d+)"\} ([0-9.]+)$', metrics, re.M))
+    images = dict(re.findall(r'^frcnn_shape_images_total\{shape="(\d+x\d+)"\} ([0-9.]+)$', metrics, re.M))
+    assert len(shapes) == 2 and set(shapes.values()) == {"1.0"} and set(images.values()) == {"4.0"}, metrics
+    h, w = map(int, next(iter(shapes)).split("x"))
+    assert f"{w}x{h}" in shapes  # the two orientations of one size
+
+
+def test_request_that_does_not_fit_the_queue_is_503_with_retry_after(make_settings):
+    files = [("images", (f"{i}.jpg", jpeg_bytes(), "image/jpeg")) for i in range(3)]
+    with serve(make_settings(queue_size=2, max_images_per_request=4)) as (url, _), httpx.Client(base_url=url,
+                                                                                                 timeout=60) as c:
+        refused = c.post("/detect", files=files)  # three images, room for two: refused whole
+        fits = c.post("/detect", files=files[:2])
+        metrics = c.get("/metrics").text
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"] == "overloaded"
+    assert fits.status_code == 200 and len(fits.json()["results"]) == 2
+    assert _metric(metrics, "frcnn_rejected_total") == 3
 
 
 def test_request_timeout_is_504_and_server_recovers(make_settings):
@@ -113,10 +134,12 @@ def test_sigterm_drains_accepted_requests(tiny_checkpoint, tmp_path):
                 data = jpeg_bytes((640, 480))
                 tasks = [asyncio.create_task(c.post("/detect", files={"images": (f"{i}.jpg", data, "image/jpeg")}))
                          for i in range(8)]
-                while True:  # SIGTERM only once several requests wait in the queue
+                deadline = time.monotonic() + 120
+                while True:  # SIGTERM only once several requests wait in the queue (a condition)
                     depth = _metric((await c.get("/metrics")).text, "frcnn_queue_depth")
                     if depth >= 3:
                         break
+                    assert time.monotonic() < deadline and not any(t.done() for t in tasks), "never queued"
                     await asyncio.sleep(0.01)
                 proc.send_signal(signal.SIGTERM)
                 return await asyncio.gather(*tasks)
