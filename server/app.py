@@ -58,14 +58,16 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     )
 }
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, pipeline: Any = None) -> FastAPI:
+    """The app. `pipeline`: serve this runtime.Pipeline-like object instead of loading settings.model
+    (the seam contract tests use to run the real app without a model)."""
     settings = settings or Settings()
     metrics = Metrics(settings.max_batch_size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state = app.state
-        pipe = await asyncio.to_thread(load_pipeline, settings)
+        pipe = pipeline if pipeline is not None else await asyncio.to_thread(load_pipeline, settings)
         engine = Engine(pipe, max_pixels=settings.max_pixels, mixed_batches=settings.batch_mixed_sizes)
         warm_s = await asyncio.to_thread(engine.warmup)
         engine.on_backend = metrics.backend.observe
