@@ -22,7 +22,12 @@ test: install
 
 # A checkpoint directory is exported to ONNX first (only when the cached graph is missing or stale:
 # its metadata records the checkpoint's digest), then served by onnxruntime; a file is served as is.
+# MODEL=coco-r50 or coco-mnv3: torchvision's published COCO weights, downloaded with their sha256
+# (WEIGHTS_URL= fetches the same file from a mirror or file://), converted to a checkpoint under
+# $(SERVE_CACHE), then exported and served like any checkpoint. See model/published.py.
 SERVE_CACHE ?= .cache/serve
+PUBLISHED_MODELS := coco-r50 coco-mnv3
+SERVE_CKPT := $(if $(filter $(MODEL),$(PUBLISHED_MODELS)),$(SERVE_CACHE)/$(MODEL),$(MODEL))
 ifeq ($(suffix $(MODEL)),)
 SERVE_MODEL := $(SERVE_CACHE)/$(notdir $(MODEL)).onnx
 else
@@ -30,8 +35,11 @@ SERVE_MODEL := $(MODEL)
 endif
 
 serve: install
+ifneq ($(filter $(MODEL),$(PUBLISHED_MODELS)),)
+	$(PY) -m model fetch $(MODEL) --out $(SERVE_CKPT) $(if $(WEIGHTS_URL),--url $(WEIGHTS_URL)) $(if $(WEIGHTS_SHA256),--sha256 $(WEIGHTS_SHA256))
+endif
 ifeq ($(suffix $(MODEL)),)
-	$(PY) -m export onnx --checkpoint $(MODEL) --out $(SERVE_MODEL) --if-stale
+	$(PY) -m export onnx --checkpoint $(SERVE_CKPT) --out $(SERVE_MODEL) --if-stale
 endif
 	$(PY) -m server --model $(SERVE_MODEL) --host $(HOST) --port $(PORT)
 

@@ -1,6 +1,7 @@
 """python -m model: checkpoint utilities.
 
   convert-torchvision WEIGHTS.pth --arch resnet50_fpn --num-classes 91 --out CKPT
+  fetch coco-r50|coco-mnv3 --out CKPT [--url URL] [--sha256 HEX]   torchvision's COCO weights, checked
   info CKPT
 """
 
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 from model.checkpoint import read_meta, save_checkpoint
+from model.published import PUBLISHED, fetch
 from model.torchvision_import import (
     ARCHS,
     class_names_for,
@@ -35,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     cv.add_argument("--min-size", type=int)
     cv.add_argument("--max-size", type=int)
     cv.add_argument("--out", required=True, help="checkpoint directory to write")
+    ft = sub.add_parser("fetch", help="torchvision's published COCO detector by name -> frcnn checkpoint")
+    ft.add_argument("name", choices=sorted(PUBLISHED))
+    ft.add_argument("--out", required=True, help="checkpoint directory to write (kept when already converted)")
+    ft.add_argument("--url", help="fetch the same file from here instead (mirror, file://)")
+    ft.add_argument("--sha256", help="expected sha256 instead of the recorded one")
     info = sub.add_parser("info", help="print a checkpoint's metadata")
     info.add_argument("checkpoint")
     args = ap.parse_args(argv)
@@ -43,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         meta = read_meta(args.checkpoint)
         print(json.dumps({"config": meta.config.to_dict(), "class_names": meta.class_names,
                           "provenance": meta.provenance}, indent=2))
+        return 0
+    if args.cmd == "fetch":
+        try:
+            out = fetch(args.name, args.out, url=args.url, sha256=args.sha256)
+        except (OSError, ValueError, RuntimeError) as exc:  # no network, wrong checksum, not these weights
+            print(f"error: {args.name}: {exc}", file=sys.stderr)
+            return 2
+        print(f"checkpoint {out} ({PUBLISHED[args.name].arch}, COCO)")
         return 0
     if not args.weights and not args.url:
         ap.error("give a local WEIGHTS file or --url")

@@ -87,17 +87,35 @@ def class_names_for(num_classes: int) -> list[str]:
 
 
 def download(url: str, dest: Path, sha256: str | None) -> Path:
-    """Fetch url to dest (for users with a network) and check its sha256 (a prefix is accepted,
-    as torchvision file names carry one)."""
+    """Fetch url (https://, file://) to dest, for users with a network, checking its sha256 (a
+    prefix is accepted, as torchvision file names carry one) before anything lands at dest: a
+    wrong file is deleted and raises ValueError, so nothing unverified is ever cached. A cached
+    dest that no longer matches is fetched again."""
+    want = sha256.lower() if sha256 else None
+    if dest.exists():
+        if want is None or _sha256(dest).startswith(want):
+            return dest
+        dest.unlink()  # damaged or replaced cache entry
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if not dest.exists():
-        tmp = dest.with_suffix(dest.suffix + ".part")
+    tmp = dest.with_suffix(dest.suffix + ".part")
+    h = hashlib.sha256()
+    try:
         with urllib.request.urlopen(url) as r, open(tmp, "wb") as f:  # noqa: S310 - user-given URL
             while chunk := r.read(1 << 20):
+                h.update(chunk)
                 f.write(chunk)
+        if want is not None and not h.hexdigest().startswith(want):
+            raise ValueError(f"{url}: sha256 {h.hexdigest()} does not match the expected {want}; "
+                             "the download was deleted, nothing was cached")
         tmp.replace(dest)
-    if sha256:
-        digest = hashlib.sha256(dest.read_bytes()).hexdigest()
-        if not digest.startswith(sha256.lower()):
-            raise ValueError(f"{dest}: sha256 {digest} does not match {sha256}")
+    finally:
+        tmp.unlink(missing_ok=True)
     return dest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

@@ -207,3 +207,32 @@ def test_api_key_guards_metadata_and_infer_not_health(make_settings):
         result = client.infer(name, [_images_input([jpeg_bytes()])], headers={"X-API-Key": "s3cret"},
                               parameters={"max_detections": 2})
         assert result.as_numpy("num_detections").tolist() == [2]
+
+
+def test_readme_example_runs_as_written(make_settings, tmp_path, capsys, monkeypatch):
+    """The README's ten lines against the demo model, unchanged but for the address; its two files
+    are two of the demo's sample images."""
+    import re
+    from pathlib import Path
+
+    from server.settings import DEMO_CHECKPOINT
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Open Inference Protocol"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 11  # ten lines and a blank one
+    with serve(make_settings(model=DEMO_CHECKPOINT, score_threshold=0.5)) as (url, _):
+        samples = [httpx.get(f"{url}/sample.png", params={"index": i}, timeout=30).content for i in (0, 1)]
+        (tmp_path / "photo.jpg").write_bytes(samples[0])
+        (tmp_path / "other.png").write_bytes(samples[1])
+        monkeypatch.chdir(tmp_path)
+        ns: dict = {}
+        exec(compile(code.replace("127.0.0.1:8000", url.removeprefix("http://")), "README.md", "exec"), ns)
+        want = httpx.post(f"{url}/detect", timeout=120, data={"score_threshold": "0.5", "max_detections": "20"},
+                          files=[("images", ("photo.jpg", samples[0])), ("images", ("other.png", samples[1]))]
+                          ).json()["results"]
+    assert capsys.readouterr().out.startswith("[[(")  # it printed (label, box) pairs per image
+    assert ns["n"].tolist() == [len(r["detections"]) for r in want] and min(ns["n"]) >= 3
+    for i, r in enumerate(want):
+        assert ns["labels"][i, :ns["n"][i]].tolist() == [d["label_id"] for d in r["detections"]]
+        np.testing.assert_allclose(ns["boxes"][i, :ns["n"][i]], [d["box"] for d in r["detections"]], atol=0.0051)
