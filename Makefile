@@ -46,8 +46,12 @@ endif
 bench: install
 	$(PY) -m benchmarks.core
 
+# R50-FPN (converted torchvision, stand-in weights) on onnxruntime: same-size and mixed-size streams
+# at concurrency 1/4/16; then the per-request overhead (demo model) and the costly-decode check.
 bench-server: install
-	$(PY) -m benchmarks.server_load
+	$(PY) -m benchmarks.server_load --r50-parity --max-batch-size 4 --duration 30
+	$(PY) -m benchmarks.overhead
+	$(PY) -m benchmarks.hostile_decode
 
 lint: install
 	$(PY) -m ruff check .
