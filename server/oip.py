@@ -42,6 +42,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
+from starlette.routing import Match
 
 from server.engine import Answer, Engine
 from server.errors import ApiError
@@ -85,6 +86,18 @@ def model_parameters(engine: Engine, settings: Any) -> dict[str, Any]:
 
 
 # -- errors in the protocol's shape ------------------------------------------------------------------
+
+
+class OipError(BaseModel):
+    error: str = Field(..., description="what went wrong, for a person")
+
+
+def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    why = {400: "malformed request or tensor", 401: "missing or wrong X-API-Key", 404: "unknown model or version",
+           405: "method not allowed", 408: "body not received in time", 413: "over a size or count limit",
+           415: "not an image / unsupported encoding", 422: "damaged image or invalid parameter",
+           503: "not ready or overloaded (Retry-After)", 504: "request timed out"}
+    return {c: {"model": OipError, "description": why[c]} for c in codes}
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -334,7 +347,7 @@ def build_routers(require_key: Callable[..., None]) -> tuple[APIRouter, APIRoute
     keyed = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"], route_class=_OipRoute,
                       dependencies=[Depends(require_key)])
 
-    @public.get("", summary="Server metadata")
+    @public.get("", summary="Server metadata", responses=_responses(503))
     async def server_metadata(request: Request) -> dict[str, Any]:
         return {"name": "frcnn", "version": request.app.version, "extensions": EXTENSIONS}
 
@@ -342,7 +355,8 @@ def build_routers(require_key: Callable[..., None]) -> tuple[APIRouter, APIRoute
     async def live() -> dict[str, bool]:
         return {"live": True}
 
-    @public.get("/health/ready", summary="Readiness: model loaded and warmed up, not stopping")
+    @public.get("/health/ready", summary="Readiness: model loaded and warmed up, not stopping",
+                responses=_responses(503))
     async def ready(request: Request) -> dict[str, bool]:
         engine_of(request.app.state)  # 503 with Retry-After while loading or stopping
         return {"ready": True}
@@ -381,15 +395,26 @@ def build_routers(require_key: Callable[..., None]) -> tuple[APIRouter, APIRoute
 
     for path, suffix in (("/models/{name}", ""), ("/models/{name}/versions/{version}", "_version")):
         keyed.add_api_route(path, metadata, methods=["GET"], name="model_metadata" + suffix,
-                            summary="Model metadata: tensors, classes, preprocessing, precision")
+                            summary="Model metadata: tensors, classes, preprocessing, precision",
+                            responses=_responses(401, 404, 503))
         keyed.add_api_route(path + "/ready", model_ready, methods=["GET"], name="model_ready" + suffix,
-                            summary="Model readiness")
+                            summary="Model readiness", responses=_responses(401, 404, 503))
         keyed.add_api_route(path + "/infer", infer, methods=["POST"], name="infer" + suffix,
-                            summary="Detect objects: BYTES images [B] -> boxes, scores, labels, num_detections")
+                            summary="Detect objects: BYTES images [B] -> boxes, scores, labels, num_detections",
+                            description="Body: an inference request (JSON, or JSON header + binary tensor data "
+                                        "with Inference-Header-Content-Length); see server/oip.py.",
+                            responses=_responses(400, 401, 404, 408, 413, 415, 422, 503, 504))
 
-    @public.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False)
-    async def unknown(rest: str) -> Response:  # Triton's other extensions: a protocol-shaped 404
+    @public.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    async def unknown(request: Request, rest: str) -> Response:
+        """Triton's other extensions and wrong methods, answered in the protocol's shape."""
+        for route in (*keyed.routes, *public.routes):  # path and method of these routes, prefix included
+            if route is not unknown_route and route.matches(request.scope)[0] == Match.PARTIAL:
+                return _error(405, f"{request.method} not allowed on /v2/{rest}",
+                              headers={"Allow": ", ".join(sorted(getattr(route, "methods", ()) or ()))})
         return _error(404, f"/v2/{rest}: not served (extensions: {', '.join(EXTENSIONS)})")
+
+    unknown_route = public.routes[-1]
 
     return public, keyed
 

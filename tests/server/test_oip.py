@@ -194,6 +194,10 @@ def test_malformed_header_and_body_limits(live, model):
     assert r.status_code == 413 and "exceeds 2000000 bytes" in r.json()["error"]
     r = httpx.get(f"{live}/v2/models/{model['name']}/config", timeout=30)
     assert r.status_code == 404 and "not served" in r.json()["error"]
+    r = httpx.put(f"{live}/v2/health/live", timeout=30)
+    assert r.status_code == 405 and r.headers["allow"] == "GET" and list(r.json()) == ["error"]
+    r = httpx.get(url, timeout=30)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
 def test_api_key_guards_metadata_and_infer_not_health(make_settings):
