@@ -92,7 +92,7 @@ def test_concurrent_answers_equal_each_image_alone(r50_onnx, make_settings):
         together = asyncio.run(concurrently(url))
         after = _shape_counts(c.get("/metrics").text)
 
-    for shape, pair in PHOTOS.items():
+    for shape in PHOTOS:
         assert before[shape] == (2.0, 2.0), before  # alone: one image per call
         # concurrently: the two same-size photos shared one backend call
         assert (after[shape][0] - before[shape][0], after[shape][1] - before[shape][1]) == (1.0, 2.0), after
