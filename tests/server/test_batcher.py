@@ -338,3 +338,37 @@ def test_lanes_pixel_budget_bounds_what_runs_at_once():
         assert peak[0] == 3
     finally:
         lanes.shutdown()
+
+
+def test_different_keys_run_at_once_with_two_inference_threads():
+    meet = threading.Barrier(2, timeout=5)  # BrokenBarrierError unless both batches run together
+
+    def handle(items):
+        meet.wait()
+        return items
+
+    async def main():
+        b = MicroBatcher(prepare=lambda x: x, handle=handle, key=lambda x: x % 2, max_batch_size=2,
+                         max_delay_s=60.0, infer_threads=2)
+        await b.start()
+        out = await asyncio.gather(*[b.submit_nowait(i) for i in range(4)])
+        await b.stop()
+        return out
+
+    assert _run(main()) == [0, 1, 2, 3]
+
+
+def test_a_lone_size_waits_max_delay_not_for_company_that_never_comes():
+    """max_delay holds per image: under load, a size with one image still runs once it has waited."""
+    stats: list[BatchStats] = []
+
+    async def main():
+        b = MicroBatcher(prepare=lambda x: x, handle=lambda items: items, key=lambda x: x[0], max_batch_size=4,
+                         max_delay_s=0.05, wait_when_idle=True, on_batch=stats.append)
+        await b.start()
+        out = await asyncio.wait_for(asyncio.gather(*[b.submit_nowait(s) for s in ("a1", "b1", "b2")]), 10)
+        await b.stop()
+        return out
+
+    assert _run(main()) == ["a1", "b1", "b2"]
+    assert sorted((s.key, s.size) for s in stats) == [("a", 1), ("b", 2)]
