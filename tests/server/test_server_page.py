@@ -92,12 +92,15 @@ def test_upload_draws_boxes(make_settings, coco_jpegs, tmp_path):
         want = httpx.post(f"{url}/detect", files={"images": (photo.name, photo.read_bytes(), "image/jpeg")},
                           timeout=60).json()["results"][0]
         assert want["detections"], "the test needs a model answer with boxes"
+        sample_status = httpx.get(f"{url}/sample.png", timeout=30).status_code
         proc, ws_url = _launch(url + "/", tmp_path / "profile")
         try:
             with connect(ws_url, max_size=None, open_timeout=30) as ws:
                 page = DevTools(ws)
                 page.call("Runtime.enable")
                 page.wait_for("document.readyState === 'complete' && document.getElementById('threshold').value !== ''")
+                classes_text = page.eval("document.getElementById('classes').textContent")
+                sample_hidden = page.eval("document.getElementById('sample').hidden")
                 root = page.call("DOM.getDocument")["root"]["nodeId"]
                 node = page.call("DOM.querySelector", nodeId=root, selector="input[type=file]")["nodeId"]
                 page.call("DOM.setFileInputFiles", nodeId=node, files=[str(photo)])
@@ -114,6 +117,9 @@ def test_upload_draws_boxes(make_settings, coco_jpegs, tmp_path):
         finally:
             proc.terminate()
             proc.wait(30)
+    assert classes_text.startswith("This model detects 3 kinds of object: circlesquaretriangle.")
+    assert sample_hidden is True  # no sample image for a model not made for the shapes
+    assert sample_status == 404
     assert view_box == f"0 0 {want['width']} {want['height']}"
     assert shown == f"{want['width']}x{want['height']}"  # the image shown is the one the boxes refer to
     assert len(drawn) == len(want["detections"]) and f"{len(drawn)} detection(s) in {photo.name}" in status
