@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import pytest
 import torch
@@ -237,3 +238,38 @@ def test_box_area_gradient_reaches_float16_boxes():
     box_area(boxes).sum().backward()
     assert boxes.grad.dtype == torch.float16
     assert boxes.grad.tolist() == [[-400.0, -300.0, 400.0, 300.0]]
+
+
+# --- autocast registration ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["AutocastCPU", "AutocastCUDA"])
+def test_autocast_kernels_registered_where_torchvision_has_them(key):
+    # torchvision registers autocast kernels for nms, roi_align and roi_pool (batched_nms and
+    # MultiScaleRoIAlign go through them); its box ops are plain Python that autocast leaves alone
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    for op in ("nms", "batched_nms", "roi_align", "roi_pool", "multiscale_roi_align"):
+        assert has(f"frcnn::{op}", key), op
+    for op in ("box_area", "box_iou", "clip_boxes", "remove_small_boxes"):
+        assert not has(f"frcnn::{op}", key), op
+
+
+def test_autocast_runs_roi_align_in_float32_and_casts_back(monkeypatch):
+    # through the autocast kernel the op sees float32 input *and* RoIs (torchvision's cached_cast
+    # of both); called plainly with bfloat16 it upcasts only the features itself
+    module = importlib.import_module("model.ops.roi_align")
+    seen = []
+
+    def spy(inp, r, *args, _real=module._forward):
+        seen.append((inp.dtype, r.dtype))
+        return _real(inp, r, *args)
+
+    monkeypatch.setattr(module, "_forward", spy)
+    x = torch.rand(1, 2, 6, 6, dtype=torch.bfloat16)
+    rois = torch.tensor([[0, 0.3, 0.7, 4.9, 5.1]], dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = roi_align(x, rois, 2, 1.0, 2, False)
+    assert out.dtype == torch.bfloat16
+    assert seen == [(torch.float32, torch.float32)]
+    roi_align(x, rois, 2, 1.0, 2, False)
+    assert seen[1] == (torch.float32, torch.bfloat16)
