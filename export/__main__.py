@@ -1,8 +1,9 @@
 """python -m export {onnx, verify, tensorrt, triton}: thin argument parsing over export/*.
 
     python -m export onnx --checkpoint CKPT --out model.onnx [--opset 18] [--with-nms] [--max-detections K] [--if-stale]
+                          [--precision fp32|fp16|int8] [--calib-images DIR] [--calib-count N]
     python -m export verify --checkpoint CKPT --model model.onnx --images DIR [--annotations GT]
-    python -m export tensorrt --model model.onnx --out model.engine [--fp16] [--int8 --calib-images DIR]
+    python -m export tensorrt --model model[.fp16|.int8].onnx --out model.engine   (precision: the graph's)
     python -m export triton --checkpoint CKPT --repo DIR [--name frcnn] [--raw]   (or --model model.onnx|.engine)
 """
 
@@ -27,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--no-verify", action="store_true", help="skip the post-export parity gate (unverified graph)")
     o.add_argument("--if-stale", action="store_true",
                    help="do nothing when --out was exported from this checkpoint by this export code")
+    o.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                   help="what the graph computes in (every runtime runs it so); each has its own gate")
+    o.add_argument("--calib-images", help="int8: directory of real images to calibrate on (then gated on others)")
+    o.add_argument("--calib-count", type=int, default=32, help="int8: calibrate on the first N images")
+    o.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax",
+                   help="int8 activation ranges (minmax lost the least AP, README)")
 
     v = sub.add_parser("verify", help="parity of an exported model with its checkpoint")
     v.add_argument("--checkpoint", required=True)
@@ -36,14 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=int, default=2)
     v.add_argument("--limit", type=int, default=None, help="first N images only")
 
-    t = sub.add_parser("tensorrt", help="build a TensorRT 10 engine from an exported .onnx")
-    t.add_argument("--model", required=True, help=".onnx from `export onnx`")
+    t = sub.add_parser("tensorrt", help="build a strongly typed TensorRT 10/11 engine from an exported .onnx")
+    t.add_argument("--model", required=True, help=".onnx from `export onnx` (its --precision is the engine's)")
     t.add_argument("--out", required=True, help="output .engine (a .json sidecar is written beside it)")
-    t.add_argument("--fp16", action="store_true")
-    t.add_argument("--int8", action="store_true")
-    t.add_argument("--calib-images", help="directory of calibration images (int8)")
-    t.add_argument("--calib-cache", help="calibration cache file (read if present, else written)")
-    t.add_argument("--calib-batches", type=int, default=16)
+    for gone in ("--fp16", "--int8"):  # precision moved into the graph (TensorRT 11 removed these flags)
+        t.add_argument(gone, action="store_true", help=argparse.SUPPRESS)
+    for gone in ("--calib-images", "--calib-cache", "--calib-batches"):
+        t.add_argument(gone, help=argparse.SUPPRESS)
     t.add_argument("--timing-cache", help="timing cache file (read if present, updated after the build)")
     t.add_argument("--min-batch", type=int, default=1)
     t.add_argument("--opt-batch", type=int, default=4)
@@ -87,11 +93,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "onnx":
         from export.onnx_export import export_onnx, is_fresh
 
-        if args.if_stale and is_fresh(args.out, args.checkpoint):
+        if args.if_stale and is_fresh(args.out, args.checkpoint) and _graph_precision(args.out) == args.precision:
             print(f"up to date: {args.out}")
             return 0
         path = export_onnx(args.checkpoint, args.out, opset=args.opset, with_nms=args.with_nms,
-                           max_detections=args.max_detections, verify=not args.no_verify)
+                           max_detections=args.max_detections, verify=not args.no_verify,
+                           precision=args.precision, calib_images=args.calib_images, calib_count=args.calib_count,
+                           calib_method=args.calib_method)
         print(f"wrote {path}")
         return 0
     if args.command == "verify":
@@ -109,9 +117,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "tensorrt":
         from export.tensorrt import BuildOptions, build_engine
 
+        if args.fp16 or args.int8 or args.calib_images or args.calib_cache or args.calib_batches:
+            want = "fp16" if args.fp16 else "int8"
+            print(f"error: precision is decided in the ONNX graph now, not by the engine builder (TensorRT 11 "
+                  f"removed its precision flags and calibrators). Export the {want} graph first:\n"
+                  f"  python -m export onnx --checkpoint CKPT --out model.{want}.onnx --precision {want}"
+                  + (" --calib-images DIR" if want == "int8" else "")
+                  + f"\nthen: python -m export tensorrt --model model.{want}.onnx --out {args.out}", file=sys.stderr)
+            return 2
         opts = BuildOptions(
-            fp16=args.fp16, int8=args.int8, calib_images=args.calib_images, calib_cache=args.calib_cache,
-            calib_batches=args.calib_batches, timing_cache=args.timing_cache,
+            timing_cache=args.timing_cache,
             min_shape=(args.min_batch, *args.min_hw), opt_shape=(args.opt_batch, *args.opt_hw),
             max_shape=(args.max_batch, *args.max_hw), workspace_gb=args.workspace_gb,
         )
@@ -131,6 +146,19 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
         return 0
     return 2
+
+
+def _graph_precision(path: str) -> str | None:
+    """The "precision" recorded in an existing graph's metadata; None when there is no such graph."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        return None
+    import onnx
+
+    from export.precision import precision_of
+
+    return precision_of(onnx.load(path, load_external_data=False))
 
 
 if __name__ == "__main__":

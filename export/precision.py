@@ -26,16 +26,18 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from runtime.contract import META_PRECISION
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
-META_PRECISION = "frcnn.precision"  # graph metadata key; JSON string value, as every frcnn key
 # weights of layers kept float in reduced-precision graphs (substrings: BN folding renames weights
 # to e.g. "ConvMulFusion_W_net.rpn.head.cls_logits.weight")
 FLOAT_LAYERS = ("rpn.head.cls_logits", "rpn.head.bbox_pred", "roi_heads.box_predictor")
@@ -88,15 +90,15 @@ def reduced_nodes(model: onnx.ModelProto) -> list[str]:
 
 def calibration_feeds(pipe, images: Iterable[np.ndarray]) -> list[dict[str, np.ndarray]]:
     """(h, w, 3) uint8 images -> graph feeds, one image per batch, through pipe.prepare/collate (the
-    serving path: same resize, normalisation and padding)."""
-    feeds = []
-    for img in images:
-        batch = pipe.collate([pipe.prepare(img)])
-        feeds.append({"images": np.ascontiguousarray(batch.images.numpy(), dtype=np.float32),
-                      "image_sizes": np.ascontiguousarray(batch.image_sizes.numpy(), dtype=np.int64)})
-    if not feeds:
+    serving path: same resize and normalisation; padded as in one batch of them all, to one common
+    size, which the histogram calibrators need: they stack every image's activations)."""
+    prepared = [pipe.prepare(img) for img in images]
+    if not prepared:
         raise ValueError("int8 calibration needs at least one image")
-    return feeds
+    batch = pipe.collate(prepared)  # (N, 3, H, W), sizes (N, 2)
+    return [{"images": np.ascontiguousarray(batch.images[i:i + 1].numpy(), dtype=np.float32),
+             "image_sizes": np.ascontiguousarray(batch.image_sizes[i:i + 1].numpy(), dtype=np.int64)}
+            for i in range(len(prepared))]
 
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, feeds: Sequence[dict[str, np.ndarray]], *,
@@ -142,6 +144,30 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, feeds: Sequence[d
     return out_path
 
 
+def to_precision(proto: onnx.ModelProto, precision: str, *, feeds: Sequence[dict] | None = None,
+                 method: str = "minmax") -> onnx.ModelProto:
+    """An fp32 frcnn graph -> the same graph at `precision`, metadata kept and "precision" recorded.
+    int8 needs calibration `feeds` (calibration_feeds)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    props = {p.key: p.value for p in proto.metadata_props}
+    if precision == "fp16":
+        out = convert_fp16(proto)
+    elif precision == "int8":
+        if not feeds:
+            raise ValueError("int8 needs calibration images (--calib-images DIR)")
+        with tempfile.TemporaryDirectory(prefix="frcnn_int8_") as tmp:
+            fp32 = Path(tmp) / "fp32.onnx"
+            onnx.save_model(proto, str(fp32))
+            out = onnx.load(str(quantize_int8(fp32, Path(tmp) / "int8.onnx", feeds, method=method)))
+    else:
+        out = proto
+    onnx.helper.set_model_props(out, props)
+    set_precision(out, precision)
+    out.producer_name = proto.producer_name
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- fp16
 
 # float ops that may join the fp16 region when every float input they read is fp16 already (the
@@ -175,13 +201,37 @@ def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
     region = fp16_region(model)
     block = [n.name for n in model.graph.node if n.name not in region]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # the converter edits its argument in place
+    model = copy
+    want = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
     originals = {i.name: onnx.TensorProto.FromString(i.SerializeToString()) for i in model.graph.initializer
                  if i.data_type == onnx.TensorProto.FLOAT}
-    out = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=block,
-                                           disable_shape_infer=True, check_fp16_ready=False)
+    with warnings.catch_warnings():  # one per weight below fp16's range ("truncated to 1e-07")
+        warnings.simplefilter("ignore", UserWarning)
+        out = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=block,
+                                               disable_shape_infer=True, check_fp16_ready=False)
     restored = _restore_float_initializers(out.graph, originals)
+    _float_outputs(out.graph, want)
     log.info("fp16: %d nodes in fp16, %d kept fp32 (%d weights kept fp32)", len(region), len(block), restored)
     return out
+
+
+def _float_outputs(graph: onnx.GraphProto, want: dict[str, int]) -> None:
+    """Graph outputs back to their fp32 types: with a node block list the converter still ends each
+    float output in a Cast to fp16 (despite keep_io_types); that Cast now casts to float32."""
+    produced = {o: n for n in graph.node for o in n.output}
+    for o in graph.output:
+        t = o.type.tensor_type
+        if t.elem_type != onnx.TensorProto.FLOAT16 or want.get(o.name) != onnx.TensorProto.FLOAT:
+            continue
+        node = produced[o.name]
+        if node.op_type != "Cast":
+            raise ValueError(f"fp16 conversion: output {o.name} is made by {node.op_type}, not a Cast")
+        for a in node.attribute:
+            if a.name == "to":
+                a.i = onnx.TensorProto.FLOAT
+        t.elem_type = onnx.TensorProto.FLOAT
 
 
 def _restore_float_initializers(graph: onnx.GraphProto, originals: dict[str, onnx.TensorProto]) -> int:

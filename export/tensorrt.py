@@ -1,15 +1,23 @@
-"""Exported .onnx -> TensorRT 10 engine (+ JSON sidecar with the graph contract and the profile).
+"""Exported .onnx -> TensorRT engine (+ JSON sidecar with the graph contract and the profile).
 
-    build_engine("model.onnx", "model.engine", BuildOptions(fp16=True))
+    build_engine("model.int8.onnx", "model.engine", BuildOptions(max_shape=(8, 1024, 1024)))
 
-Explicit batch (the only mode in TensorRT 10); one optimization profile with min/opt/max for the
-batch and H/W of `images` (image_sizes follows the batch); ONNX parser errors are reported one per
-line; an optional timing cache is read before and written after the build; fp16; int8 through an
-entropy calibrator over --calib-images (cached in --calib-cache).
+The network is strongly typed: every layer computes in the type the graph gives it (fp32, the fp16
+of a `--precision fp16` graph, the int8 of a `--precision int8` graph's Q/DQ nodes). No precision
+builder flags and no calibrator: TensorRT 11 removed both (BuilderFlag.FP16/INT8/BF16,
+IBuilderConfig.int8_calibrator, IInt8*Calibrator), and precision is decided once, in the graph, for
+every runtime (export/precision.py). Supported: the TensorRT 10.x and 11.x Python APIs.
+  10.x: strong typing is opt-in, `create_network(1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED)`.
+  11.x: every network is strongly typed; the flag is passed where the release still has it.
+Both: explicit batch (implied), one optimization profile with min/opt/max for the batch and H/W of
+`images` (image_sizes follows the batch), ONNX parser errors one per line, an optional timing cache
+read before and written after the build.
 
 The parser lowers RoiAlign (opset >= 16) to the ROIAlign_TRT plugin (hence init_libnvinfer_plugins)
 and NonMaxSuppression to INMSLayer, whose data-dependent output count the runtime backend handles
 with an IOutputAllocator. vgg16_c4's RoIPool (MaxRoiPool) is not supported by the parser.
+No engine has been built on the development machines (no TensorRT, no GPU); tests run this code
+against fakes of the 10.x and 11.x module surfaces (tests/export/test_tensorrt_fakes.py).
 """
 
 from __future__ import annotations
@@ -21,21 +29,17 @@ from pathlib import Path
 
 import onnx
 
-from export.tensorrt_ops import tensorrt_problems
+from export.tensorrt_ops import tensorrt_problems, tensorrt_ready
 from runtime.backends.tensorrt_io import import_tensorrt, sidecar_path
 from runtime.contract import GraphMetadata
 
 log = logging.getLogger(__name__)
 
+SUPPORTED_MAJOR = (10, 11)
 
 
 @dataclass
 class BuildOptions:
-    fp16: bool = False
-    int8: bool = False
-    calib_images: str | None = None
-    calib_cache: str | None = None
-    calib_batches: int = 16
     timing_cache: str | None = None
     min_shape: tuple[int, int, int] = (1, 320, 320)  # (batch, H, W) of `images`
     opt_shape: tuple[int, int, int] = (4, 608, 1024)
@@ -43,9 +47,29 @@ class BuildOptions:
     workspace_gb: float = 4.0
 
 
-def _parse(trt, network, logger, onnx_path: Path):
+def tensorrt_major(trt) -> int:
+    major = int(str(trt.__version__).split(".")[0])
+    if major not in SUPPORTED_MAJOR:
+        raise RuntimeError(f"TensorRT {trt.__version__}: this builder supports TensorRT {SUPPORTED_MAJOR} "
+                           "(strongly typed networks)")
+    return major
+
+
+def create_strongly_typed_network(trt, builder):
+    """A network whose layers take their types from the graph, on TensorRT 10.x or 11.x."""
+    major = tensorrt_major(trt)
+    flags = getattr(trt, "NetworkDefinitionCreationFlag", None)
+    strongly_typed = getattr(flags, "STRONGLY_TYPED", None) if flags is not None else None
+    if strongly_typed is None:
+        if major == 10:  # 10.0 onwards has it; without it the build would be weakly typed
+            raise RuntimeError(f"TensorRT {trt.__version__} has no NetworkDefinitionCreationFlag.STRONGLY_TYPED")
+        return builder.create_network(0)  # 11.x: strongly typed is the only kind
+    return builder.create_network(1 << int(strongly_typed))
+
+
+def _parse(trt, network, logger, model: onnx.ModelProto, onnx_path: Path):
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse(model.SerializeToString(), str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise RuntimeError(f"TensorRT could not parse {onnx_path}:\n" + "\n".join(errors))
     return parser
@@ -65,31 +89,20 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: BuildOpti
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     model = onnx.load(str(onnx_path), load_external_data=False)
     meta = GraphMetadata.from_props({p.key: p.value for p in model.metadata_props})
+    model = tensorrt_ready(model)  # int32 bias DequantizeLinear folded to float
     problems = tensorrt_problems(model)
     if problems:
-        raise RuntimeError(f"{onnx_path} uses what TensorRT 10 cannot parse:\n" + "\n".join(problems))
+        raise RuntimeError(f"{onnx_path} uses what the TensorRT ONNX parser cannot take:\n" + "\n".join(problems))
     trt = import_tensorrt()
+    major = tensorrt_major(trt)
     logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")  # ROIAlign_TRT
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is implied in TensorRT 10
-    _parser = _parse(trt, network, logger, onnx_path)  # keep alive until the build is done
+    network = create_strongly_typed_network(trt, builder)
+    _parser = _parse(trt, network, logger, model, onnx_path)  # keep alive until the build is done
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gb * (1 << 30)))
-    profile = _profile(builder, opts)
-    config.add_optimization_profile(profile)
-    if opts.fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if opts.int8:
-        if not (opts.calib_images or (opts.calib_cache and Path(opts.calib_cache).exists())):
-            raise ValueError("--int8 needs --calib-images (or an existing --calib-cache)")
-        from export.tensorrt_calib import EntropyCalibrator
-
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.int8_calibrator = EntropyCalibrator(
-            meta.input_settings, images_dir=opts.calib_images, cache_path=opts.calib_cache,
-            batch_size=opts.opt_shape[0], hw=opts.opt_shape[1:], max_batches=opts.calib_batches)
-        config.set_calibration_profile(profile)
+    config.add_optimization_profile(_profile(builder, opts))
     cache = None
     if opts.timing_cache:
         blob = Path(opts.timing_cache).read_bytes() if Path(opts.timing_cache).exists() else b""
@@ -103,12 +116,13 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: BuildOpti
     if cache is not None:
         Path(opts.timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
     sidecar = {
-        "metadata": meta.to_props(),
+        "metadata": meta.to_props(),  # "frcnn.precision" included: the graph's, which the engine keeps
         "profile": {"min": opts.min_shape, "opt": opts.opt_shape, "max": opts.max_shape},
-        "precision": {"fp16": opts.fp16, "int8": opts.int8},
-        "build": {**asdict(opts), "tensorrt": trt.__version__, "onnx": onnx_path.name},
+        "precision": meta.precision,
+        "build": {**asdict(opts), "tensorrt": str(trt.__version__), "tensorrt_major": major,
+                  "strongly_typed": True, "onnx": onnx_path.name},
     }
     sidecar_path(engine_path).write_text(json.dumps(sidecar, indent=2) + "\n")
-    log.info("wrote %s (%.1f MB) and %s", engine_path, engine_path.stat().st_size / 2**20,
+    log.info("wrote %s (%.1f MB, %s) and %s", engine_path, engine_path.stat().st_size / 2**20, meta.precision,
              sidecar_path(engine_path).name)
     return engine_path

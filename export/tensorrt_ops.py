@@ -1,4 +1,9 @@
-"""Which ONNX operators the TensorRT 10 ONNX parser accepts, to check an exported graph without TensorRT.
+"""Which ONNX operators the TensorRT ONNX parser accepts, to check an exported graph without TensorRT.
+
+The operator list is TensorRT 10's; 11.x accepts the same ops (it removed builder flags and
+calibrators, not parser ops). Explicit quantization (--precision int8 graphs) is checked as TensorRT
+takes it: QuantizeLinear/DequantizeLinear with int8, zero points 0 (symmetric), per-tensor or
+per-channel scales.
 
 Source: onnx/onnx-tensorrt, docs/operators.md ("TensorRT 10.15 supports operators in the inclusive
 range of opset 9 to opset 24"), the rows marked "Y". Restrictions from that table that an frcnn
@@ -45,6 +50,7 @@ def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
         if imp.domain in ("", "ai.onnx") and not TRT10_OPSET_RANGE[0] <= imp.version <= TRT10_OPSET_RANGE[1]:
             problems.append(f"opset {imp.version} outside TensorRT 10's {TRT10_OPSET_RANGE}")
     local_functions = {(f.domain, f.name) for f in model.functions}
+    initializers = {i.name: i for i in model.graph.initializer}
     seen = set()
     for node in _all_nodes(model):
         key = (node.domain, node.op_type)
@@ -59,8 +65,62 @@ def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
             problems.append(f"{node.op_type} ({node.name}): reduction other than none")
         elif node.op_type == "TopK" and _attr(node, "sorted", 1) != 1:
             problems.append(f"TopK ({node.name}): sorted must be 1")
+        elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            problems += _qdq_problems(node, initializers)
         seen.add(key)
     return problems
+
+
+def tensorrt_ready(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph as the TensorRT builder parses it: int32 biases that onnxruntime's quantizer stores
+    as DequantizeLinear(int32) folded back to float constants (TensorRT's explicit quantization
+    dequantizes int8 only, and takes Conv/Gemm biases in float). A copy; `model` is unchanged."""
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {i.name: i for i in out.graph.initializer}
+    folded = []
+    for node in out.graph.node:
+        if node.op_type != "DequantizeLinear" or not all(i in inits for i in node.input if i):
+            continue
+        if inits[node.input[0]].data_type != onnx.TensorProto.INT32:
+            continue
+        x = numpy_helper.to_array(inits[node.input[0]]).astype("float64")
+        scale = numpy_helper.to_array(inits[node.input[1]]).astype("float64")
+        zp = numpy_helper.to_array(inits[node.input[2]]).astype("float64") if len(node.input) > 2 and node.input[2] \
+            else 0.0
+        value = ((x - zp) * scale).astype(numpy_helper.to_array(inits[node.input[1]]).dtype)
+        out.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        folded.append(node)
+    for node in folded:
+        out.graph.node.remove(node)
+    used = {i for n in out.graph.node for i in n.input}
+    for t in [t for t in out.graph.initializer if t.name not in used]:
+        out.graph.initializer.remove(t)
+    return out
+
+
+def _qdq_problems(node: onnx.NodeProto, initializers: dict) -> list[str]:
+    """TensorRT's explicit quantization: int8 with zero point 0, scales constant and positive."""
+    from onnx import numpy_helper
+
+    out = []
+    scale = initializers.get(node.input[1]) if len(node.input) > 1 else None
+    if scale is None:
+        out.append(f"{node.op_type} ({node.name}): scale is not a constant")
+    elif (numpy_helper.to_array(scale) <= 0).any():
+        out.append(f"{node.op_type} ({node.name}): scale <= 0")
+    zp = initializers.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if len(node.input) > 2 and node.input[2] and zp is None:
+        out.append(f"{node.op_type} ({node.name}): zero point is not a constant")
+    elif zp is not None:
+        if zp.data_type != onnx.TensorProto.INT8:
+            out.append(f"{node.op_type} ({node.name}): {onnx.TensorProto.DataType.Name(zp.data_type)} "
+                       "zero point (TensorRT quantizes to INT8)")
+        elif numpy_helper.to_array(zp).any():
+            out.append(f"{node.op_type} ({node.name}): zero point != 0 (TensorRT quantization is symmetric)")
+    return out
 
 
 def _all_nodes(model: onnx.ModelProto):

@@ -18,10 +18,10 @@ def import_tensorrt():
     except ImportError as e:
         raise ImportError(
             "TensorRT is not installed: the TensorRT builder and backend need a CUDA GPU and "
-            "`pip install tensorrt` (TensorRT 10). The .onnx runs anywhere with onnxruntime."
+            "`pip install tensorrt` (TensorRT 10 or 11). The .onnx runs anywhere with onnxruntime."
         ) from e
-    if int(trt.__version__.split(".")[0]) < 10:
-        raise ImportError(f"TensorRT {trt.__version__} found; this code targets the TensorRT 10 API")
+    if int(str(trt.__version__).split(".")[0]) < 10:
+        raise ImportError(f"TensorRT {trt.__version__} found; this code targets the TensorRT 10 and 11 APIs")
     return trt
 
 

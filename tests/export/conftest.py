@@ -63,3 +63,84 @@ def coco_images() -> list[torch.Tensor]:
     if not COCO.is_dir():
         pytest.skip(f"{COCO} not found (needs ../shared/data)")
     return load_images(list_images(COCO, limit=4))
+
+
+def _reduced(fp32_path: Path, out: Path, precision: str, net, cfg, class_names, calib: list | None,
+             held_out: list | None) -> Path:
+    """fp32 graph -> `precision` graph, gated as `export onnx --precision` gates it (GateFailed
+    fails the fixture, so every test using it fails too)."""
+    import onnx
+
+    from export.precision import calibration_feeds, to_precision
+    from export.verify import quick_verify
+    from runtime.pipeline import Pipeline
+
+    reference = Pipeline.from_model(net, cfg, class_names, name=out.stem)
+    feeds = calibration_feeds(reference, calib) if calib else None
+    onnx.save_model(to_precision(onnx.load(str(fp32_path)), precision, feeds=feeds), str(out))
+    quick_verify(reference, out, other=Pipeline.load(out, threads=2), real_images=held_out)
+    return out
+
+
+def _coco_arrays(first: int, count: int):
+    from runtime.images import list_images, load_image
+
+    if not COCO.is_dir():
+        pytest.skip(f"{COCO} not found (needs ../shared/data)")
+    return [load_image(p) for p in list_images(COCO)[first:first + count]]
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_onnx(tiny_onnx, tiny_net, tmp_path_factory) -> Path:
+    """The tiny graph in int8, calibrated on 8 COCO128 photos and gated on 4 others."""
+    net, meta = tiny_net
+    return _reduced(tiny_onnx, tmp_path_factory.mktemp("onnx") / "tiny.int8.onnx", "int8", net, meta.config,
+                    meta.class_names, _coco_arrays(0, 8), _coco_arrays(8, 4))
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16_onnx(tiny_onnx, tiny_net, tmp_path_factory) -> Path:
+    net, meta = tiny_net
+    return _reduced(tiny_onnx, tmp_path_factory.mktemp("onnx") / "tiny.fp16.onnx", "fp16", net, meta.config,
+                    meta.class_names, None, _coco_arrays(8, 4))
+
+
+@pytest.fixture(scope="session")
+def r50_parity(tmp_path_factory):
+    """(net, fp32 graph path): torchvision-layout R50-FPN with tools/parity_weights.py's stand-in
+    weights, exported once for the session (about 2 minutes on 2 cores)."""
+    import sys
+
+    import onnx
+
+    root = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root / "tools"))
+    from parity_weights import parity_state_dict, seeded_model
+
+    from export.onnx_export import build_graph
+    from model.coco_names import COCO_91
+
+    net = seeded_model()
+    net.load_state_dict(parity_state_dict())
+    net.eval()
+    path = tmp_path_factory.mktemp("r50") / "r50.onnx"
+    onnx.save_model(build_graph(net, net.config, list(COCO_91)), str(path))
+    return net, path
+
+
+@pytest.fixture(scope="session")
+def r50_int8_onnx(r50_parity, tmp_path_factory) -> Path:
+    from model.coco_names import COCO_91
+
+    net, fp32 = r50_parity
+    return _reduced(fp32, tmp_path_factory.mktemp("r50") / "r50.int8.onnx", "int8", net, net.config,
+                    list(COCO_91), _coco_arrays(0, 8), _coco_arrays(8, 4))
+
+
+@pytest.fixture(scope="session")
+def r50_fp16_onnx(r50_parity, tmp_path_factory) -> Path:
+    from model.coco_names import COCO_91
+
+    net, fp32 = r50_parity
+    return _reduced(fp32, tmp_path_factory.mktemp("r50") / "r50.fp16.onnx", "fp16", net, net.config,
+                    list(COCO_91), None, _coco_arrays(8, 4))

@@ -1,0 +1,169 @@
+"""Precision in the graph (export/precision.py), with real onnxruntime and real COCO128 photos: int8
+(Q/DQ) and fp16 graphs of the tiny preset and of a torchvision-layout R50-FPN pass their gates (the
+fixtures run export's own gate, so a fixture that builds is a gate passed), keep the exact parts in
+fp32, record their precision, and pass the TensorRT ONNX-parser check; a graph that misses its
+gate is reported and not left behind."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from export.precision import exact_parts_problems, precision_of, reduced_nodes
+from export.tensorrt_ops import tensorrt_problems, tensorrt_ready
+from runtime.pipeline import Pipeline
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def _quantized_layers(m: onnx.ModelProto) -> tuple[set[str], set[str]]:
+    """(weights of Conv/Gemm layers reading int8 Q/DQ weights, weights of those computing in fp32)."""
+    produced = {o: n for n in m.graph.node for o in n.output}
+    q, f = set(), set()
+    for n in m.graph.node:
+        if n.op_type not in ("Conv", "Gemm"):
+            continue
+        src = produced.get(n.input[1])
+        if src is not None and src.op_type == "DequantizeLinear":
+            q.add(src.input[0])
+        else:
+            f.add(n.input[1])
+    return q, f
+
+
+def _check_int8(path, *, min_quantized: int):
+    m = onnx.load(str(path))
+    assert precision_of(m) == "int8"
+    assert exact_parts_problems(m) == []  # RoiAlign boxes, NMS, softmax, decoding: fp32 inputs
+    q, f = _quantized_layers(m)
+    assert len(q) >= min_quantized
+    assert not [w for w in q if any(p in w for p in ("cls_logits", "bbox_pred", "box_predictor"))]
+    assert [w for w in f if "box_predictor.cls_score" in w] and [w for w in f if "rpn.head.cls_logits" in w]
+    # TensorRT's explicit quantization: symmetric int8, and every op parseable
+    assert tensorrt_problems(tensorrt_ready(m)) == []
+    zps = {n.input[2] for n in m.graph.node if n.op_type == "QuantizeLinear"}
+    inits = {i.name: i for i in m.graph.initializer}
+    assert zps and all(inits[z].data_type == onnx.TensorProto.INT8 for z in zps)
+
+
+def _check_fp16(path, fp32_path):
+    m = onnx.load(str(path))
+    assert precision_of(m) == "fp16"
+    assert exact_parts_problems(m) == []
+    inits = {i.name: i for i in m.graph.initializer}
+    convs = [n for n in m.graph.node if n.op_type == "Conv" and n.input[1] in inits]
+    half = [n for n in convs if inits[n.input[1]].data_type == onnx.TensorProto.FLOAT16]
+    assert len(half) >= len(convs) - 10  # all but the RPN's objectness/delta convs (5 levels x 2)
+    # inputs and outputs stay float32 (keep_io_types): the contract does not change
+    assert {i.type.tensor_type.elem_type for i in m.graph.input} == {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
+    # fp32 kept where it matters: every -inf of the fp32 graph (the padding-anchor mask) is still
+    # there, not clamped to fp16's -10000
+    def infs(model):
+        return sum(int(np.isneginf(onnx.numpy_helper.to_array(t)).sum()) for t in model.graph.initializer
+                   if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
+
+    assert infs(m) == infs(onnx.load(str(fp32_path)))
+    assert tensorrt_problems(m) == []
+
+
+def test_tiny_int8_graph_passes_its_gate_and_keeps_exact_parts_float(tiny_int8_onnx):
+    _check_int8(tiny_int8_onnx, min_quantized=15)
+
+
+def test_tiny_fp16_graph_passes_its_gate_and_keeps_exact_parts_float(tiny_fp16_onnx, tiny_onnx):
+    _check_fp16(tiny_fp16_onnx, tiny_onnx)
+
+
+def test_reduced_graphs_serve_with_the_fp32_contract(tiny_onnx, tiny_int8_onnx, tiny_fp16_onnx, coco_images):
+    """Pipeline.load reports the graph's precision; the outputs keep names, dtypes and meaning."""
+    fp32 = Pipeline.load(tiny_onnx, threads=2)
+    assert fp32.precision == "fp32"
+    want = fp32.predict(coco_images[:2])
+    for path, precision in ((tiny_int8_onnx, "int8"), (tiny_fp16_onnx, "fp16")):
+        pipe = Pipeline.load(path, threads=2)
+        assert pipe.precision == precision and pipe.class_names == fp32.class_names
+        got = pipe.predict(coco_images[:2])
+        for a, b in zip(got, want, strict=True):
+            assert a.boxes.dtype == b.boxes.dtype and a.labels.dtype == b.labels.dtype
+            assert abs(len(a.scores) - len(b.scores)) <= max(3, len(b.scores) // 5)
+
+
+def test_onnxruntime_cpu_runs_fp16_conv_and_roialign_through_casts():
+    """onnxruntime 1.32's CPU provider has no fp16 kernel for Conv or RoiAlign on x86: it inserts
+    Casts and runs them in fp32, rounding every fp16 node's output back to fp16. So an fp16 graph
+    runs (and is gated) here with fp16 storage and fp32 arithmetic, as TensorRT's fp16 tactics
+    accumulate; its speed on CPU is no measure of anything."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    def ops_after_session(op, inputs, out_type):
+        ins = [h.make_tensor_value_info(n, t, None) for n, t in inputs]
+        g = h.make_graph([h.make_node(op, [n for n, _ in inputs], ["y"])], "g", ins,
+                         [h.make_tensor_value_info("y", out_type, None)])
+        m = h.make_model(g, opset_imports=[h.make_opsetid("", 18)])
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            so.optimized_model_filepath = f"{tmp}/m.onnx"
+            ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            return [n.op_type for n in onnx.load(f"{tmp}/m.onnx").graph.node]
+
+    assert ops_after_session("Conv", [("x", T.FLOAT16), ("w", T.FLOAT16)], T.FLOAT16) == ["Cast", "Cast", "Conv", "Cast"]
+    assert ops_after_session("RoiAlign", [("x", T.FLOAT16), ("r", T.FLOAT16), ("b", T.INT64)],
+                             T.FLOAT16) == ["Cast", "Cast", "RoiAlign", "Cast"]
+
+
+def test_int8_export_that_misses_its_gate_exits_1_and_leaves_nothing(tiny_checkpoint, tmp_path, capsys):
+    """Calibrated on black images, every activation range is ~0: real photos saturate, the gate
+    fails, the command says so in one paragraph and exits 1, and no graph is at --out."""
+    from PIL import Image
+
+    from export.__main__ import main
+    from tests.export.conftest import COCO
+
+    black = tmp_path / "black"
+    black.mkdir()
+    for i in range(3):
+        Image.new("RGB", (400, 300)).save(black / f"{i}.png")
+    for p in sorted(COCO.glob("*.jpg"))[:3]:  # held-out photos for the gate
+        (black / f"z{p.name}").write_bytes(p.read_bytes())
+    out = tmp_path / "tiny.int8.onnx"
+    rc = main(["onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--precision", "int8",
+               "--calib-images", str(black), "--calib-count", "3"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "(int8) failed its int8 gate" in err and "calib" in err and "\n" not in err.strip()
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.suffix == ".onnx"]
+
+
+def test_int8_needs_calibration_images(tiny_checkpoint, tmp_path, capsys):
+    from export.__main__ import main
+
+    rc = main(["onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "m.onnx"), "--precision", "int8"])
+    assert rc == 2 and "--calib-images" in capsys.readouterr().err
+
+
+def test_tensorrt_precision_flags_point_to_the_onnx_export(capsys):
+    from export.__main__ import main
+
+    assert main(["tensorrt", "--model", "m.onnx", "--out", "m.engine", "--fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "--precision fp16" in err and "python -m export onnx" in err
+
+
+@pytest.mark.slow
+def test_r50_int8_graph_passes_its_gate_and_keeps_exact_parts_float(r50_int8_onnx):
+    _check_int8(r50_int8_onnx, min_quantized=60)
+
+
+@pytest.mark.slow
+def test_r50_fp16_graph_passes_its_gate_and_keeps_exact_parts_float(r50_fp16_onnx, r50_parity):
+    _check_fp16(r50_fp16_onnx, r50_parity[1])
+    meta = json.loads({p.key: p.value for p in onnx.load(str(r50_fp16_onnx), load_external_data=False)
+                       .metadata_props}["frcnn.precision"])
+    assert meta == "fp16"
