@@ -6,7 +6,10 @@
 # The engine is built once and cached in EXPORT_CACHE_DIR/engines, keyed by model content, GPU
 # model and TensorRT version; mount a volume there so restarts skip the build. Replicas sharing
 # the volume never read a half-written engine (build beside it, then rename).
-#   ENGINE_PRECISION=fp16 (default) | fp32
+# Precision is the exported graph's (TensorRT builds it strongly typed: no precision flags):
+#   ENGINE_PRECISION=fp16 (default) | fp32 | int8: with a checkpoint, `export onnx --precision` it
+#                (int8 needs CALIB_IMAGES, a directory of real images to calibrate on, and is gated
+#                on others there); with an .onnx file, the graph's own precision is used as it is
 #   FRCNN_MODEL: a checkpoint directory or an .onnx file (built into an engine here), or an
 #                .engine file (served as it is: you vouch that it matches the GPU)
 set -eu
@@ -19,11 +22,22 @@ esac
 cache="${EXPORT_CACHE_DIR:-/var/cache/frcnn}/engines"
 mkdir -p "$cache"
 precision="${ENGINE_PRECISION:-fp16}"
+calib_flags=""
 case "$precision" in
-    fp16) fp16_flag="--fp16" ;;
-    fp32) fp16_flag="" ;;
-    *) echo "gpu-entrypoint: ENGINE_PRECISION must be fp16 or fp32, not '$precision'" >&2; exit 2 ;;
+    fp16 | fp32) ;;
+    int8)
+        if [ -d "$model" ] && [ ! -d "${CALIB_IMAGES:-}" ]; then
+            echo "gpu-entrypoint: ENGINE_PRECISION=int8 needs CALIB_IMAGES (a directory of real images)" >&2
+            exit 2
+        fi
+        calib_flags="--calib-images ${CALIB_IMAGES:-}" ;;
+    *) echo "gpu-entrypoint: ENGINE_PRECISION must be fp16, fp32 or int8, not '$precision'" >&2; exit 2 ;;
 esac
+if [ ! -d "$model" ]; then  # an exported graph: its metadata says what it computes in
+    precision=$(python -c 'import sys, onnx
+from export.precision import precision_of
+print(precision_of(onnx.load(sys.argv[1], load_external_data=False)))' "$model")
+fi
 
 # The engine's batch profile must cover the server's batches: read max_batch_size from the server's
 # own settings (environment, .env, defaults), not from a second copy of the default here.
@@ -47,14 +61,14 @@ if [ ! -s "$engine" ]; then
     trap 'rm -rf "$tmp"' EXIT
     echo "gpu-entrypoint: building $engine (first start on this GPU; takes minutes)" >&2
     if [ -d "$model" ]; then
-        python -m export onnx --checkpoint "$model" --out "$tmp/model.onnx"
+        # shellcheck disable=SC2086  # empty calibration flags must vanish, not become ""
+        python -m export onnx --checkpoint "$model" --out "$tmp/model.onnx" --precision "$precision" $calib_flags
         onnx="$tmp/model.onnx"
     else
         onnx="$model"
     fi
-    # shellcheck disable=SC2086  # an empty flag must vanish, not become ""
     python -m export tensorrt --model "$onnx" --out "$tmp/model.engine" \
-        --opt-batch "$max_batch" --max-batch "$max_batch" $fp16_flag
+        --opt-batch "$max_batch" --max-batch "$max_batch"
     # the sidecar (graph contract, profile) first: a reader that sees the engine finds it too
     mv "$tmp/model.json" "${engine%.engine}.json"
     mv "$tmp/model.engine" "$engine"

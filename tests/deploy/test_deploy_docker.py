@@ -325,9 +325,12 @@ def test_entrypoint_builds_once_then_reuses(gpu_env):
     assert engine.name.endswith("-NVIDIA_L4-sm89-trt10.8.0-b16-fp16.engine")
     exports = [c for c in calls if c.startswith("-m export")]
     assert [c.split()[2] for c in exports] == ["onnx", "tensorrt"]
-    trt = shlex.split(exports[1])
+    onnx_call, trt = shlex.split(exports[0]), shlex.split(exports[1])
+    # precision is the exported graph's (fp16 by default); the engine build takes no precision flag
+    assert onnx_call[onnx_call.index("--precision") + 1] == "fp16"
+    assert not [a for a in trt if a in ("--fp16", "--int8")]
     # the engine's batch profile covers the server's max_batch_size
-    assert trt[trt.index("--max-batch") + 1] == "16" and trt[-1] == "--fp16"
+    assert trt[trt.index("--max-batch") + 1] == "16"
     assert sorted(p.name for p in engine.parent.iterdir()) == sorted([engine.name, engine.stem + ".json"])
 
     out, again, calls = run_entrypoint(env, "FAKE_MAX_BATCH=16")
@@ -347,8 +350,9 @@ def test_entrypoint_export_commands_parse():
     lines = re.findall(r"python -m export (\w+[^\n]*)", text)
     assert {ln.split()[0] for ln in lines} == {"onnx", "tensorrt"}
     for line in lines:
-        argv = [re.sub(r"\$\{?\w+\}?", "1", a) for a in shlex.split(line) if a != "$fp16_flag"]
-        _parser().parse_args(argv + (["--fp16"] if "$fp16_flag" in line else []))
+        line = line.replace('"$precision"', "int8")  # a choice, not a number
+        argv = [re.sub(r"\$\{?\w+\}?", "1", a) for a in shlex.split(line) if a != "$calib_flags"]
+        _parser().parse_args(argv + (["--calib-images", "DIR"] if "$calib_flags" in line else []))
 
 
 def test_entrypoint_rebuilds_for_new_weights_and_precision(gpu_env):
@@ -360,7 +364,12 @@ def test_entrypoint_rebuilds_for_new_weights_and_precision(gpu_env):
     assert [c.split()[2] for c in calls if c.startswith("-m export")] == ["onnx", "tensorrt"]
     _, fp32, calls = run_entrypoint(env, "ENGINE_PRECISION=fp32")
     assert fp32["FRCNN_MODEL"].endswith("-fp32.engine")
-    assert not any("--fp16" in c for c in calls)
+    assert any("--precision fp32" in c for c in calls) and not any("--fp16" in c for c in calls)
+    out, _, _ = run_entrypoint(env, "ENGINE_PRECISION=int8")  # int8 without calibration images
+    assert out.returncode == 2 and "CALIB_IMAGES" in out.stderr
+    _, int8, calls = run_entrypoint(env, "ENGINE_PRECISION=int8", f"CALIB_IMAGES={tmp}")
+    assert int8["FRCNN_MODEL"].endswith("-int8.engine")
+    assert any(f"--precision int8 --calib-images {tmp}" in c for c in calls)
     out, _, _ = run_entrypoint(env, "ENGINE_PRECISION=int4")
     assert out.returncode == 2 and "ENGINE_PRECISION" in out.stderr
 
