@@ -102,7 +102,9 @@ def start_server(args: argparse.Namespace, model: Path) -> tuple[subprocess.Pope
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
+    # A long request timeout: at concurrency 16 a slow model's requests wait for 16 images ahead.
     env = {**os.environ, "FRCNN_THREADS": str(args.threads), "FRCNN_QUEUE_SIZE": "256",
+           "FRCNN_REQUEST_TIMEOUT_S": "900",
            "FRCNN_BATCH_MIXED_SIZES": "1" if getattr(args, "mixed_batches", False) else "0",
            "FRCNN_CACHE_DIR": str(CACHE), "FRCNN_LOG_LEVEL": "warning"}
     cmd = [sys.executable, "-m", "server", "--model", str(model), "--backend", args.backend, "--port", str(port),

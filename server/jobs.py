@@ -107,7 +107,8 @@ async def _wait(futures: list[asyncio.Future], timeout_s: float, request: Any) -
             gone.cancel()
     if answers in done:
         return answers.result()
-    answers.cancel()
+    # Not cancelled here: the caller's cancel_group cancels the answers, and the gather (with
+    # return_exceptions) then completes quietly instead of logging an unretrieved CancelledError.
     if gone is not None and gone in done:
         raise ApiError(400, "client_disconnected", "client disconnected before the answer")
     return None
