@@ -48,6 +48,7 @@ from server.engine import Answer, Engine
 from server.errors import ApiError
 from server.inputs import DetectInput, _check_options, class_refs, load_json, read_body
 from server.jobs import engine_of, make_jobs, run_jobs
+from server.schemas import MAX_DETECTIONS
 
 INPUT_NAME = "images"
 # name -> (datatype, numpy little-endian dtype, dims after B: "K" is the request's max_detections)
@@ -253,6 +254,36 @@ def _b64(value: Any, name: str) -> bytes:
                                           "binary tensor data carries them raw)") from None
 
 
+_INFER_OK: dict[int | str, dict[str, Any]] = {200: {
+    "description": "the outputs as JSON tensors; with binary outputs requested, a JSON header (its length in "
+                   "Inference-Header-Content-Length) followed by the raw tensor bytes",
+    "content": {"application/json": {"schema": {"type": "object"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+def _infer_body(max_images: int) -> dict[str, Any]:
+    """The JSON form of an inference request, for the OpenAPI schema (the binary form is the same JSON
+    header followed by the tensor bytes; Inference-Header-Content-Length says where the header ends)."""
+    tensor = {"type": "object", "required": ["name", "datatype", "shape", "data"], "properties": {
+        "name": {"type": "string", "enum": [INPUT_NAME]}, "datatype": {"type": "string", "enum": ["BYTES"]},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1, "maxItems": 2,
+                  "description": "[B] or [B, 1]; B = len(data)"},
+        "data": {"type": "array", "minItems": 1, "maxItems": max_images,
+                 "items": {"type": "string", "format": "byte", "description": "base64 of an encoded image file"}}}}
+    output = {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "enum": list(OUTPUTS)},
+        "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}}}}
+    params = {"type": "object", "properties": {
+        "score_threshold": {"type": "number", "minimum": 0.0, "maximum": 1.0},
+        "max_detections": {"type": "integer", "minimum": 1, "maximum": MAX_DETECTIONS},
+        "classes": {"type": "string", "description": "class names or ids, comma-separated"},
+        "binary_data_output": {"type": "boolean"}}}
+    schema = {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"}, "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": tensor},
+        "outputs": {"type": "array", "items": output}, "parameters": params}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def _options(params: dict[str, Any]) -> dict[str, Any]:
     """Request parameters -> make_jobs' options, checked by /detect's own rules."""
     score, top_k, classes = params.get("score_threshold"), params.get("max_detections"), params.get("classes")
@@ -341,8 +372,9 @@ def _served(request: Request, name: str, version: str | None) -> Engine:
     return engine
 
 
-def build_routers(require_key: Callable[..., None]) -> tuple[APIRouter, APIRouter]:
-    """(public health routes, routes behind the server's API key)."""
+def build_routers(require_key: Callable[..., None], *, max_images: int) -> tuple[APIRouter, APIRouter]:
+    """(public health routes, routes behind the server's API key); max_images: the request limit the
+    schema states."""
     public = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"], route_class=_OipRoute)
     keyed = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"], route_class=_OipRoute,
                       dependencies=[Depends(require_key)])
@@ -403,7 +435,8 @@ def build_routers(require_key: Callable[..., None]) -> tuple[APIRouter, APIRoute
                             summary="Detect objects: BYTES images [B] -> boxes, scores, labels, num_detections",
                             description="Body: an inference request (JSON, or JSON header + binary tensor data "
                                         "with Inference-Header-Content-Length); see server/oip.py.",
-                            responses=_responses(400, 401, 404, 408, 413, 415, 422, 503, 504))
+                            responses={**_INFER_OK, **_responses(400, 401, 404, 408, 413, 415, 422, 503, 504)},
+                            openapi_extra=_infer_body(max_images))
 
     @public.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def unknown(request: Request, rest: str) -> Response:
@@ -420,6 +453,6 @@ def build_routers(require_key: Callable[..., None]) -> tuple[APIRouter, APIRoute
 
 
 def include_oip(app: FastAPI, *, require_key: Callable[..., None]) -> None:
-    public, keyed = build_routers(require_key)
+    public, keyed = build_routers(require_key, max_images=app.state.settings.max_images_per_request)
     app.include_router(keyed)
     app.include_router(public)  # last: its catch-all must not shadow the model routes
