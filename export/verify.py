@@ -10,7 +10,8 @@ Two detections match when they have the same label, IoU >= 0.95 and scores withi
 fail the gate: a model with tied scores (untrained, weakly trained, saturated) may keep either of two
 equal candidates, so a detection without a partner is excused when the other side shows the tie it
 lost (see `_excused`). The gate fails (GateFailed, exit 1) when the tie-aware match rate is below 99%
-or the APs differ by more than 0.2 points.
+or the APs differ by more than 0.2 points. Those are the fp32 gate; fp16 and int8 graphs (the graph's
+"precision" metadata) have their own, looser ones (GATES).
 """
 
 from __future__ import annotations

@@ -121,13 +121,11 @@ class _NmsByImage(torch.nn.Module):
 
 def test_batched_nms_by_image_puts_images_on_the_nms_batch_dimension():
     """Images (idxs // 5) as NonMaxSuppression batch items: the same kept set as frcnn::batched_nms,
-    image by image, each in decreasing score; empty images in between and at the end included."""
-    import onnx
-
+    image by image, each in decreasing score; an image without boxes in between, and no boxes at all."""
     g = torch.Generator().manual_seed(5)
     boxes = _random_boxes(600, 300.0, g, max_side=80.0)
     scores = torch.rand(600, generator=g)
-    image = torch.tensor([0] * 250 + [2] * 200 + [3] * 150)  # image 1 (and 4) have no boxes
+    image = torch.tensor([0] * 250 + [2] * 200 + [3] * 150)  # image 1 has no boxes
     idxs = image * 5 + torch.randint(0, 5, (600,), generator=g)
     dyn = ({0: Dim("N")}, {0: Dim("N")}, {0: Dim("N")})
     got, = _run_onnx(_NmsByImage(), (boxes, scores, idxs), dyn)
