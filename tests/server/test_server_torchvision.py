@@ -2,9 +2,10 @@
 
 The weights are the deterministic stand-in of tools/parity_weights.py (no pretrained weights can be
 downloaded here); tests/fixtures/tv_r50_golden.safetensors holds what torchvision itself answered
-for them (tools/make_golden_model.py). Photos 000000000009 (600x800 after resizing) and
-000000000036 (798x600) batched together pad to 800x800, as in torchvision's batch of three
-("batch3/..."), so the server's batch must give those detections.
+for them (tools/make_golden_model.py). Photos 000000000009 (600x800 after resizing, padded 608x800)
+and 000000000036 (798x600, padded 800x608) differ in padded size, so the server runs them as two
+backend calls (it batches equal padded sizes only) and each must get torchvision's answer for that
+photo alone.
 """
 
 from __future__ import annotations
@@ -69,10 +70,12 @@ def test_two_photos_in_one_request_match_torchvision(r50_checkpoint, make_settin
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"]["backend"] == backend
-    assert "frcnn_batch_size_count 1.0" in metrics  # both photos in one backend call
+    assert "frcnn_batch_size_count 2.0" in metrics  # two padded sizes: one backend call each
+    assert 'frcnn_shape_images_total{shape="608x800"} 1.0' in metrics
+    assert 'frcnn_shape_images_total{shape="800x608"} 1.0' in metrics
     for name, res in zip(PHOTOS, body["results"], strict=True):
-        want_boxes, want_scores = golden[f"batch3/{name}/boxes"], golden[f"batch3/{name}/scores"]
-        want_labels = golden[f"batch3/{name}/labels"]
+        want_boxes, want_scores = golden[f"{name}/boxes"], golden[f"{name}/scores"]
+        want_labels = golden[f"{name}/labels"]
         got_boxes = torch.tensor([d["box"] for d in res["detections"]])
         got_scores = torch.tensor([d["score"] for d in res["detections"]])
         got_labels = torch.tensor([d["label_id"] for d in res["detections"]])
