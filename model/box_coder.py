@@ -42,7 +42,7 @@ class BoxCoder:
         heights = ref[:, 3] - ref[:, 1]
         ctr_x = ref[:, 0] + 0.5 * widths
         ctr_y = ref[:, 1] + 0.5 * heights
-        codes = codes.reshape(codes.shape[0], -1, 4)  # (N, K*4) -> (N, K, 4)
+        codes = codes.reshape(codes.shape[0], codes.shape[1] // 4, 4)  # (N, K*4) -> (N, K, 4); N may be 0
         dx = codes[..., 0] / wx
         dy = codes[..., 1] / wy
         dw = torch.clamp(codes[..., 2] / ww, max=self.clip)
