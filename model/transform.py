@@ -43,7 +43,10 @@ def normalize_resize(image: torch.Tensor, cfg: TransformConfig, min_size: int | 
     x = to_float(image)
     mean = torch.as_tensor(cfg.image_mean, dtype=x.dtype, device=x.device)[:, None, None]
     std = torch.as_tensor(cfg.image_std, dtype=x.dtype, device=x.device)[:, None, None]
-    x = (x - mean) / std
+    if image.dtype == torch.uint8:  # x is our own float copy: normalize it in place, no more full-size ones
+        x = x.sub_(mean).div_(std)
+    else:
+        x = (x - mean) / std
     size = resized_size(x.shape[1], x.shape[2], cfg.min_size if min_size is None else min_size, cfg.max_size)
     return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
 

@@ -20,7 +20,7 @@ from fastapi.security import APIKeyHeader
 from starlette.routing import Match
 
 from server.batcher import MicroBatcher
-from server.engine import Answer, Engine, Job
+from server.engine import Engine, Job
 from server.errors import ApiError, install_handlers
 from server.guard import BodyDeadline
 from server.inputs import parse
@@ -28,21 +28,16 @@ from server.jobs import engine_of as jobs_engine_of
 from server.jobs import make_jobs, run_jobs
 from server.metrics import Metrics, method_label
 from server.model_source import load_pipeline
-from server.openapi import detect_operation, install_openapi
 from server.oip import include_oip, model_version
 from server.openapi import detect_operation, install_openapi
 from server.respond import detect_body
 from server.sample import SAMPLE_PATH, has_sample
 from server.sample import router as sample_router
 from server.schemas import (
-    Detection,
     DetectResponse,
     ErrorBody,
     Health,
-    ImageResult,
     ModelInfo,
-    ModelSummary,
-    Timing,
 )
 from server.settings import Settings
 
@@ -174,28 +169,6 @@ def create_app(settings: Settings | None = None, *, pipeline: Any = None) -> Fas
         return HTMLResponse(page)
 
     return app
-
-
-def _response(engine: Engine, answers: list[Answer], t_start: float) -> DetectResponse:
-    names = engine.class_names
-    results = []
-    for a in answers:
-        dets = [Detection(box=[round(float(v), 2) for v in box], score=round(float(s), 4),
-                          label=names[int(lab)] if 0 <= int(lab) < len(names) else str(int(lab)),
-                          label_id=int(lab))
-                for box, s, lab in zip(a.boxes.tolist(), a.scores.tolist(), a.labels.tolist(), strict=True)]
-        results.append(ImageResult(image=a.name, width=a.width, height=a.height, detections=dets))
-    ms = 1000.0
-    timing = Timing(
-        decode=round(sum(a.decode_s for a in answers) * ms, 3),
-        preprocess=round(sum(a.preprocess_s for a in answers) * ms, 3),
-        queue=round(max(a.queue_s for a in answers) * ms, 3),
-        inference=round(max(a.backend_s for a in answers) * ms, 3),
-        postprocess=round(max(a.postprocess_s for a in answers) * ms, 3),
-        total=round((time.perf_counter() - t_start) * ms, 3),
-    )
-    return DetectResponse(results=results, model=ModelSummary(name=engine.model_name, backend=engine.backend_name),
-                          timing_ms=timing)
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
