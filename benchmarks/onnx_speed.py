@@ -182,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     pipes = {"ort-fp32": Pipeline.load(work / "model.onnx", threads=args.threads),
              "ort-int8": Pipeline.load(work / "model.int8.onnx", threads=args.threads)}
 
-    def timed(pipe):
+    dets: dict[str, dict] = {name: {} for name in pipes}
+
+    def timed(name, pipe):
         def run(path):
             t = time.perf_counter()
-            pipe.predict([images[path]])
+            dets[name][path] = pipe.predict([images[path]])[0]
             return time.perf_counter() - t
         return run
 
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         variants["torchvision"] = tv
     else:
         results["note"] = "no .refvenv (make refvenv): torchvision not timed"
-    variants |= {name: timed(p) for name, p in pipes.items()}
+    variants |= {name: timed(name, p) for name, p in pipes.items()}
     results["images"] = [p.name for p in test_paths]
     results["s_per_image"] = interleaved_times(variants, test_paths, args.repeats)
     if tv is not None:
@@ -204,6 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     results["mean_s_per_image"] = mean
     if "torchvision" in mean:
         results["ratio_to_torchvision"] = {k: round(v / mean["torchvision"], 3) for k, v in mean.items()}
+    # int8 against fp32 (the fp32 graph gives the checkpoint's detections) at each precision's gate rule
+    from export.verify import GATES, MatchRule, match_rate
+
+    a, b = [dets["ort-fp32"][p] for p in test_paths], [dets["ort-int8"][p] for p in test_paths]
+    rh = meta.config.roi_heads
+    results["int8_vs_fp32_match_rate"] = {
+        f"iou>={g.iou},score+-{g.score_tol} ({name} rule)": round(match_rate(a, b, MatchRule(
+            iou=g.iou, score_tol=g.score_tol, nms_iou=rh.nms_thresh, score_threshold=rh.score_thresh,
+            max_detections=rh.detections_per_img)), 3) for name, g in GATES.items()}
     gflop = model_gflop(net, ref, [images[p] for p in test_paths])
     per_image = results["s_per_image"]["ort-fp32"]
     results["fp32_gflop_per_image"] = [round(g, 1) for g in gflop]

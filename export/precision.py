@@ -147,10 +147,9 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, feeds: Sequence[d
             str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, op_types_to_quantize=list(DENSE_OPS),
             nodes_to_quantize=wanted, calibrate_method=methods[method],
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                           # Conv outputs stay float unless a quantized op reads them: no Q/DQ before
-                           # the float-kept parts
-                           "OpTypesToExcludeOutputQuantization": list(DENSE_OPS)},
+            # outputs quantized too: DQ -> Conv -> Q is what onnxruntime fuses into QLinearConv (with
+            # float Conv outputs it runs fp32 convolutions on dequantized inputs, no faster than fp32)
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         )
     log.info("int8: %d of the dense layers quantized (%s calibration, %d images)", len(wanted), method, len(feeds))
     return out_path
@@ -288,8 +287,9 @@ def _restore_float_initializers(graph: onnx.GraphProto, originals: dict[str, onn
 # ------------------------------------------------------------------------------------------- checks
 
 def exact_parts_problems(model: onnx.ModelProto) -> list[str]:
-    """Reasons the exact parts are not float: an EXACT_OPS node or a FLOAT_LAYERS layer reading a
-    dequantized int8 tensor or a non-fp32 value. Empty list: they compute in fp32."""
+    """Reasons the exact parts are not float: an EXACT_OPS node reading a dequantized int8 tensor or a
+    non-fp32 value, or a FLOAT_LAYERS layer with int8/fp16 weights (its input activations may be
+    rounded, as every layer's are; its arithmetic and output are fp32). Empty list: all fp32."""
     produced = {o: n for n in model.graph.node for o in n.output}
     value_types = {v.name: v.type.tensor_type.elem_type
                    for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
@@ -300,8 +300,8 @@ def exact_parts_problems(model: onnx.ModelProto) -> list[str]:
                        and any(p in _weight_name(n.input[1], produced) for p in FLOAT_LAYERS))
         if n.op_type not in EXACT_OPS and not float_layer:
             continue
-        # RoiAlign's features may be reduced; its boxes and batch indices may not
-        inputs = n.input[1:] if n.op_type == "RoiAlign" else n.input
+        # RoiAlign's features may be reduced, its boxes and batch indices not; a float layer's weights
+        inputs = n.input[1:] if n.op_type == "RoiAlign" else n.input[1:2] if float_layer else n.input
         for name in inputs:
             if not name or name in weights:
                 continue
