@@ -9,6 +9,7 @@ import sys
 
 from pydantic import ValidationError
 
+from runtime.backends import BACKENDS
 from server.settings import Settings
 
 _OPTIONS = (
@@ -19,7 +20,7 @@ _OPTIONS = (
     ("--max-delay-ms", float, "longest wait for a batch to fill"),
     ("--workers", int, "decode/preprocess threads"),
     ("--queue-size", int, "images waiting before 503"),
-    ("--intra-op-threads", int, "backend threads"),
+    ("--threads", int, "backend intra-op threads"),
     ("--log-level", str, "critical|error|warning|info|debug"),
 )
 
@@ -28,8 +29,15 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     parser = argparse.ArgumentParser(prog="python -m server", description=__doc__)
     for flag, typ, help_ in _OPTIONS:
         parser.add_argument(flag, type=typ, default=None, help=help_)
-    parser.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "tensorrt"], default=None)
+    parser.add_argument("--intra-op-threads", type=int, default=None, dest="deprecated_threads",
+                        help="deprecated spelling of --threads")
+    parser.add_argument("--backend", choices=list(BACKENDS), default=None)
     args = parser.parse_args(argv)
+    if args.deprecated_threads is not None:
+        print("python -m server: --intra-op-threads is deprecated; use --threads", file=sys.stderr)
+        if args.threads is None:
+            args.threads = args.deprecated_threads
+    del args.deprecated_threads
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
         return Settings(**overrides)
