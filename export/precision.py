@@ -15,7 +15,9 @@ proposals and classes, where rounding reorders near-equal scores), so box decodi
 coordinates, the NMS inputs and the score softmax all compute in fp32 from fp32 inputs.
 
 int8 (onnxruntime.quantization, static, QDQ): per-channel symmetric int8 weights, per-tensor
-symmetric int8 activations (zero point 0, which TensorRT's explicit quantization requires),
+symmetric activations stored as uint8 with zero point 128 (onnxruntime's fast kernels take uint8;
+the same values as int8 with zero point 0, which TensorRT's explicit quantization requires and
+export/tensorrt_ops.tensorrt_ready writes for it),
 int32 biases (what onnxruntime's fused QLinearConv takes; export/tensorrt_ops.tensorrt_ready folds
 them back to float for TensorRT), calibrated by MinMax over real images run through the project's
 own prepare/collate (runtime.Pipeline), one image per batch. Chosen by measured box AP (README,
@@ -145,7 +147,10 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, feeds: Sequence[d
         wanted = list(nodes) if nodes is not None else reduced_nodes(m)
         quantize_static(
             str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, op_types_to_quantize=list(DENSE_OPS),
+            # uint8 activations with symmetric ranges: zero point 128, exactly int8 with zero point 0
+            # (tensorrt_ready rewrites it so for TensorRT); onnxruntime's fast x86 kernels (VNNI:
+            # u8 x s8) take uint8 activations, int8 ones ran no faster than fp32 (measured)
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=list(DENSE_OPS),
             nodes_to_quantize=wanted, calibrate_method=methods[method],
             # outputs quantized too: DQ -> Conv -> Q is what onnxruntime fuses into QLinearConv (with
             # float Conv outputs it runs fp32 convolutions on dequantized inputs, no faster than fp32)

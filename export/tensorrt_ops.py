@@ -75,6 +75,7 @@ def tensorrt_ready(model: onnx.ModelProto) -> onnx.ModelProto:
     """The graph as the TensorRT builder parses it: int32 biases that onnxruntime's quantizer stores
     as DequantizeLinear(int32) folded back to float constants (TensorRT's explicit quantization
     dequantizes int8 only, and takes Conv/Gemm biases in float). A copy; `model` is unchanged."""
+    import numpy as np
     from onnx import numpy_helper
 
     out = onnx.ModelProto()
@@ -95,6 +96,14 @@ def tensorrt_ready(model: onnx.ModelProto) -> onnx.ModelProto:
         folded.append(node)
     for node in folded:
         out.graph.node.remove(node)
+    # uint8 activations with zero point 128 (symmetric ranges) are int8 with zero point 0: same values
+    for node in out.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
+            zp = inits.get(node.input[2])
+            if zp is not None and zp.data_type == onnx.TensorProto.UINT8:
+                z = numpy_helper.to_array(zp)
+                if (z == 128).all():
+                    zp.CopyFrom(numpy_helper.from_array(np.zeros(z.shape, dtype=np.int8), zp.name))
     used = {i for n in out.graph.node for i in n.input}
     for t in [t for t in out.graph.initializer if t.name not in used]:
         out.graph.initializer.remove(t)

@@ -44,9 +44,13 @@ def _check_int8(path, *, min_quantized: int):
     assert [w for w in f if "box_predictor.cls_score" in w] and [w for w in f if "rpn.head.cls_logits" in w]
     # TensorRT's explicit quantization: symmetric int8, and every op parseable
     assert tensorrt_problems(tensorrt_ready(m)) == []
-    zps = {n.input[2] for n in m.graph.node if n.op_type == "QuantizeLinear"}
-    inits = {i.name: i for i in m.graph.initializer}
-    assert zps and all(inits[z].data_type == onnx.TensorProto.INT8 for z in zps)
+    # activations: uint8 with zero point 128 here (onnxruntime's fast kernels), int8 with zero point
+    # 0 as the TensorRT builder parses it (the same values)
+    for model, dtype, value in ((m, onnx.TensorProto.UINT8, 128), (tensorrt_ready(m), onnx.TensorProto.INT8, 0)):
+        zps = {n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+        inits = {i.name: i for i in model.graph.initializer}
+        assert zps and all(inits[z].data_type == dtype for z in zps)
+        assert all((onnx.numpy_helper.to_array(inits[z]) == value).all() for z in zps)
 
 
 def _check_fp16(path, fp32_path):
