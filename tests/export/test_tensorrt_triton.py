@@ -54,7 +54,7 @@ def assert_config_matches_graph(config, onnx_path) -> None:
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 needs_trt = pytest.mark.skipif(not (HAS_TRT and torch.cuda.is_available()),
-                               reason="TensorRT 10 and a CUDA GPU are not available on this machine")
+                               reason="TensorRT (10 or 11) and a CUDA GPU are not available on this machine")
 
 
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed")
@@ -64,16 +64,16 @@ def test_missing_tensorrt_says_what_to_install():
 
 
 @needs_trt
-def test_engine_matches_onnxruntime(tiny_net, tiny_onnx, tmp_path):
+def test_engine_matches_the_checkpoint(tiny_net, tiny_onnx, tmp_path):
     from export.tensorrt import build_engine
     from export.verify import compare, synthetic_images
-    from runtime import Pipeline
+    from runtime.pipeline import Pipeline
 
     engine = build_engine(tiny_onnx, tmp_path / "tiny.engine",
                           BuildOptions(min_shape=(1, 64, 64), opt_shape=(2, 512, 512), max_shape=(4, 512, 512)))
     net, meta = tiny_net
-    report, _, _ = compare(Pipeline.from_model(net, meta.config, meta.class_names), Pipeline.load(engine),
-                           synthetic_images(), batch_size=2)
+    reference = Pipeline.from_model(net, meta.config, meta.class_names)
+    report, _, _ = compare(reference, Pipeline.load(engine), synthetic_images(), batch_size=2)
     assert report.match_rate >= 0.99, report.to_json()
 
 
