@@ -15,13 +15,12 @@ import argparse
 import asyncio
 import io
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.server_load import COCO, ROOT, pct, start_server
+from benchmarks.server_load import COCO, ROOT, add_server_options, pct, served
 
 CACHE = Path(tempfile.gettempdir()) / "frcnn-bench-cache"
 
@@ -98,31 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=2.0, help="seconds of small requests before and after")
     ap.add_argument("--url", help="drive this running server (no RSS figures) instead of starting one")
     ap.add_argument("--json", type=Path)
-    # start_server's knobs (server defaults otherwise)
-    ap.add_argument("--max-batch-size", type=int, default=8)
-    ap.add_argument("--max-delay-ms", type=float, default=10.0)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    add_server_options(ap)
     args = ap.parse_args(argv)
 
     costly = [flat_png(args.side, i) for i in range(args.images)]
     small = sorted(COCO.glob("*.jpg"))[0].read_bytes()
     print(f"costly request: {args.images} PNGs of {args.side}x{args.side} px, "
           f"{sum(map(len, costly)) / 1024:.0f} KB in all; small request: one {len(small) / 1024:.0f} KB JPEG")
-    proc = None
-    if args.url:
-        url = args.url
-    else:
-        proc, url = start_server(args, args.model)
-    try:
+    with served(args, args.model) as (proc, url):
         rss0 = proc_status(proc.pid, "VmRSS") if proc else float("nan")
         res = asyncio.run(scenario(url, costly, small, args.settle))
         if proc:
             res["rss_start_mb"], res["rss_peak_mb"] = rss0, proc_status(proc.pid, "VmHWM")
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(120)
     print(f"costly request: HTTP {res['costly_status']} after {res['costly_s']:.2f} s {res['costly_body']}")
     print(f"small requests: idle p50 {res['small_idle_p50_ms']:.0f} ms; while the costly one ran "
           f"({res['small_during_n']} requests, HTTP {res['small_during_codes']}): "

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.server_load import COCO, ROOT, start_server
+from benchmarks.server_load import COCO, ROOT, add_server_options, served
 
 STAGES = ("decode", "preprocess", "queue", "inference", "postprocess")
 
@@ -81,23 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--url")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--max-batch-size", type=int, default=8)
-    ap.add_argument("--max-delay-ms", type=float, default=10.0)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    add_server_options(ap)
     args = ap.parse_args(argv)
 
     photos = photos_640x480(16)
-    proc = None
-    url = args.url
-    if url is None:
-        proc, url = start_server(args, args.model)
-    try:
+    with served(args, args.model) as (_, url):
         res = measure(url, photos, args.requests)
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(120)
     print(f"{args.requests} sequential requests, one 640x480 JPEG each ({len(photos)} COCO128 photos), ms "
           f"(load average {res['loadavg']:.1f} on {os.cpu_count()} cores):")
     print(f"  {'':12s} {'p50':>7s} {'p10':>7s}")

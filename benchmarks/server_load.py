@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -97,6 +98,28 @@ def backend_alone(model: Path, backend: str, images: list[np.ndarray], max_batch
 
 # -- live server --------------------------------------------------------------------------------
 
+def add_server_options(ap: argparse.ArgumentParser) -> None:
+    """start_server's knobs (the server's defaults otherwise), for every benchmark that starts one."""
+    ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--max-delay-ms", type=float, default=10.0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def served(args: argparse.Namespace, model: Path):
+    """Yields (process or None, url): args.url when given, else a `python -m server` started here."""
+    if args.url:
+        yield None, args.url
+        return
+    proc, url = start_server(args, model)
+    try:
+        yield proc, url
+    finally:
+        proc.terminate()
+        proc.wait(120)
+
+
 def start_server(args: argparse.Namespace, model: Path) -> tuple[subprocess.Popen, str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -106,7 +129,7 @@ def start_server(args: argparse.Namespace, model: Path) -> tuple[subprocess.Pope
     env = {**os.environ, "FRCNN_THREADS": str(args.threads), "FRCNN_QUEUE_SIZE": "256",
            "FRCNN_REQUEST_TIMEOUT_S": "900",
            "FRCNN_BATCH_MIXED_SIZES": "1" if getattr(args, "mixed_batches", False) else "0",
-           "FRCNN_CACHE_DIR": str(CACHE), "FRCNN_LOG_LEVEL": "warning"}
+           "FRCNN_LOG_LEVEL": "warning"}
     cmd = [sys.executable, "-m", "server", "--model", str(model), "--backend", args.backend, "--port", str(port),
            "--max-batch-size", str(args.max_batch_size), "--max-delay-ms", str(args.max_delay_ms),
            "--workers", str(args.workers)]
