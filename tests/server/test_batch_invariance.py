@@ -12,7 +12,6 @@ A control shows the test has teeth: the same two images padded into one mixed ba
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import re
 import subprocess
@@ -24,7 +23,6 @@ import pytest
 from srv_helpers import COCO, serve
 
 ROOT = Path(__file__).resolve().parents[2]
-PARITY = ROOT / "tools" / "parity_weights.py"
 # padded 608x800 (landscape) and 800x608 (portrait) at min_size 600, max_size 1000
 PHOTOS = {"608x800": ("000000000009", "000000000061"), "800x608": ("000000000036", "000000000049")}
 
@@ -32,22 +30,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def r50_onnx(tmp_path_factory) -> Path:
-    pytest.importorskip("onnxruntime")
-    export = pytest.importorskip("export.onnx_export")
-    if not PARITY.exists():
-        pytest.skip("tools/parity_weights.py missing")
-    from model.checkpoint import save_checkpoint
-    from model.torchvision_import import class_names_for, load_torchvision, torchvision_config
-
-    spec = importlib.util.spec_from_file_location("parity_weights", PARITY)
-    parity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(parity)
-    cfg = torchvision_config("resnet50_fpn", 91, min_size=600, max_size=1000)
-    net = load_torchvision(parity.parity_state_dict(), cfg)  # "converted": through the torchvision importer
-    tmp = tmp_path_factory.mktemp("r50")
-    save_checkpoint(tmp / "ckpt", net, cfg, class_names_for(91), provenance={"source": "tools/parity_weights.py"})
-    return export.export_onnx(tmp / "ckpt", tmp / "r50.onnx", verify=False)
+def r50_onnx(r50_parity_onnx) -> Path:
+    return r50_parity_onnx
 
 
 def _photo(name: str) -> tuple[str, bytes]:

@@ -10,7 +10,6 @@ photo alone.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import httpx
@@ -20,27 +19,16 @@ from srv_helpers import COCO, serve
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "fixtures" / "tv_r50_golden.safetensors"
-PARITY = ROOT / "tools" / "parity_weights.py"
 PHOTOS = ("000000000009", "000000000036")
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def r50_checkpoint(tmp_path_factory) -> Path:
-    if not GOLDEN.exists() or not PARITY.exists():
-        pytest.skip("torchvision golden fixture or tools/parity_weights.py missing")
-    from model.checkpoint import save_checkpoint
-    from model.torchvision_import import class_names_for, load_torchvision, torchvision_config
-
-    spec = importlib.util.spec_from_file_location("parity_weights", PARITY)
-    parity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(parity)
-    cfg = torchvision_config("resnet50_fpn", 91, min_size=600, max_size=1000)
-    net = load_torchvision(parity.parity_state_dict(), cfg)  # "converted": through the torchvision importer
-    out = tmp_path_factory.mktemp("r50") / "r50-parity"
-    save_checkpoint(out, net, cfg, class_names_for(91), provenance={"source": "tools/parity_weights.py"})
-    return out
+def r50_checkpoint(r50_parity_checkpoint) -> Path:
+    if not GOLDEN.exists():
+        pytest.skip("torchvision golden fixture missing")
+    return r50_parity_checkpoint
 
 
 def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -52,14 +40,12 @@ def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-def test_two_photos_in_one_request_match_torchvision(r50_checkpoint, make_settings, tmp_path, backend):
+def test_two_photos_in_one_request_match_torchvision(r50_checkpoint, make_settings, request, backend):
     from safetensors.torch import load_file
 
     model = r50_checkpoint
     if backend == "onnxruntime":  # the server serves finished artifacts: export first, as `make serve` does
-        from export.onnx_export import export_onnx
-
-        model = export_onnx(r50_checkpoint, tmp_path / "r50.onnx", verify=False)
+        model = request.getfixturevalue("r50_parity_onnx")
     golden = load_file(str(GOLDEN))
     files = [("images", (f"{n}.jpg", (COCO / f"{n}.jpg").read_bytes(), "image/jpeg")) for n in PHOTOS]
     settings = make_settings(model=model, backend=backend, score_threshold=0.05,
