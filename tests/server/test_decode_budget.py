@@ -91,8 +91,9 @@ def test_small_request_is_answered_within_1s_while_large_images_decode(make_sett
 
 
 def test_504_cancels_the_request_s_unstarted_work(make_settings, big_pngs):
-    # One large lane: the four decodes run one after another, far longer than the timeout.
-    settings = make_settings(max_pixels=SIDE * SIDE, request_timeout_s=0.5)
+    # One large lane: the four decodes run one after another, each longer than the timeout here
+    # (0.4-0.7 s with its resize on this machine; a faster one may finish the first within it).
+    settings = make_settings(max_pixels=SIDE * SIDE, request_timeout_s=0.2)
     with serve(settings) as (url, server):
         r = httpx.post(f"{url}/detect", files=_files(big_pngs), timeout=120)
     assert r.status_code == 504 and r.json()["error"] == "timeout", r.text
@@ -100,10 +101,13 @@ def test_504_cancels_the_request_s_unstarted_work(make_settings, big_pngs):
     decoded = _metric(metrics, "frcnn_preprocess_seconds_count")
     skipped_decode = _metric(metrics, 'frcnn_cancelled_total{stage="decode"}')
     skipped_backend = _metric(metrics, 'frcnn_cancelled_total{stage="inference"}')
+    inferred = _metric(metrics, "frcnn_batch_size_sum")  # images that reached the backend
     assert decoded + skipped_decode == 4  # each image either decoded or dropped unstarted
-    assert skipped_decode >= 2  # at most two decodes could start within 0.5 s
-    assert skipped_backend == decoded  # what was decoded after the 504 never reached the backend
-    assert _metric(metrics, "frcnn_batch_size_count") == 0
+    assert skipped_decode >= 2  # at most two decodes could start within 0.2 s
+    # A decode that ended before the 504 may have gone on to the backend (an idle server runs a
+    # lone image at once); one that ended after it never does.
+    assert inferred + skipped_backend == decoded
+    assert inferred <= 1
 
 
 def test_client_gone_cancels_the_request_s_unstarted_work(make_settings, big_pngs):
@@ -129,4 +133,6 @@ def test_client_gone_cancels_the_request_s_unstarted_work(make_settings, big_png
     metrics = _final_metrics(server)
     decoded = _metric(metrics, "frcnn_preprocess_seconds_count")
     assert decoded + _metric(metrics, 'frcnn_cancelled_total{stage="decode"}') == 4
-    assert _metric(metrics, "frcnn_batch_size_count") == 0
+    # The decode running when the client left ends after it and is dropped before the backend.
+    assert _metric(metrics, "frcnn_batch_size_sum") + _metric(metrics, 'frcnn_cancelled_total{stage="inference"}') == decoded
+    assert _metric(metrics, "frcnn_batch_size_sum") == 0
