@@ -74,7 +74,9 @@ def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
 def tensorrt_ready(model: onnx.ModelProto) -> onnx.ModelProto:
     """The graph as the TensorRT builder parses it: int32 biases that onnxruntime's quantizer stores
     as DequantizeLinear(int32) folded back to float constants (TensorRT's explicit quantization
-    dequantizes int8 only, and takes Conv/Gemm biases in float). A copy; `model` is unchanged."""
+    dequantizes int8 only, and takes Conv/Gemm biases in float), and uint8 activations re-expressed
+    as int8 with zero point 0 over the same calibrated range (TensorRT's quantization is symmetric).
+    A copy; `model` is unchanged."""
     import numpy as np
     from onnx import numpy_helper
 
@@ -96,14 +98,28 @@ def tensorrt_ready(model: onnx.ModelProto) -> onnx.ModelProto:
         folded.append(node)
     for node in folded:
         out.graph.node.remove(node)
-    # uint8 activations with zero point 128 (symmetric ranges) are int8 with zero point 0: same values
+    # uint8 activations (onnxruntime's asymmetric ranges) -> int8 with zero point 0 over the same
+    # real range: scale = max(|lo|, |hi|) / 127.5, the parameters symmetric calibration gives
+    # (zero point 128 is this already: the same values). Q and DQ of one tensor share the pair.
+    done: dict[tuple[str, str], tuple[str, str]] = {}
     for node in out.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
-            zp = inits.get(node.input[2])
-            if zp is not None and zp.data_type == onnx.TensorProto.UINT8:
-                z = numpy_helper.to_array(zp)
-                if (z == 128).all():
-                    zp.CopyFrom(numpy_helper.from_array(np.zeros(z.shape, dtype=np.int8), zp.name))
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            continue
+        key = (node.input[1], node.input[2])
+        zp, scale = inits.get(key[1]), inits.get(key[0])
+        if zp is None or scale is None or zp.data_type != onnx.TensorProto.UINT8:
+            continue
+        if key not in done:
+            z = numpy_helper.to_array(zp).astype("float64")
+            s = numpy_helper.to_array(scale).astype("float64")
+            amax = np.maximum(np.abs((0.0 - z) * s), np.abs((255.0 - z) * s))
+            new_scale = np.where(z == 128, s, amax / 127.5).astype(numpy_helper.to_array(scale).dtype)
+            names = (f"{key[0]}__int8", f"{key[1]}__int8")
+            out.graph.initializer.append(numpy_helper.from_array(new_scale, names[0]))
+            out.graph.initializer.append(numpy_helper.from_array(np.zeros(z.shape, dtype=np.int8), names[1]))
+            inits[names[0]], inits[names[1]] = out.graph.initializer[-2], out.graph.initializer[-1]
+            done[key] = names
+        node.input[1], node.input[2] = done[key]
     used = {i for n in out.graph.node for i in n.input}
     for t in [t for t in out.graph.initializer if t.name not in used]:
         out.graph.initializer.remove(t)

@@ -44,13 +44,21 @@ def _check_int8(path, *, min_quantized: int):
     assert [w for w in f if "box_predictor.cls_score" in w] and [w for w in f if "rpn.head.cls_logits" in w]
     # TensorRT's explicit quantization: symmetric int8, and every op parseable
     assert tensorrt_problems(tensorrt_ready(m)) == []
-    # activations: uint8 with zero point 128 here (onnxruntime's fast kernels), int8 with zero point
-    # 0 as the TensorRT builder parses it (the same values)
-    for model, dtype, value in ((m, onnx.TensorProto.UINT8, 128), (tensorrt_ready(m), onnx.TensorProto.INT8, 0)):
-        zps = {n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear"}
-        inits = {i.name: i for i in model.graph.initializer}
-        assert zps and all(inits[z].data_type == dtype for z in zps)
-        assert all((onnx.numpy_helper.to_array(inits[z]) == value).all() for z in zps)
+    # activations: uint8 with onnxruntime's asymmetric zero points here, int8 with zero point 0 as
+    # the TensorRT builder parses it, over the same range (max |lo|, |hi| of the calibrated one)
+    inits = {i.name: i for i in m.graph.initializer}
+    zps = {n.input[2] for n in m.graph.node if n.op_type == "QuantizeLinear"}
+    assert zps and all(inits[z].data_type == onnx.TensorProto.UINT8 for z in zps)
+    assert any((onnx.numpy_helper.to_array(inits[z]) != 128).any() for z in zps)  # asymmetric ranges
+    trt = tensorrt_ready(m)
+    trt_inits = {i.name: i for i in trt.graph.initializer}
+    for q, tq in zip((n for n in m.graph.node if n.op_type == "QuantizeLinear"),
+                     (n for n in trt.graph.node if n.op_type == "QuantizeLinear"), strict=True):
+        s, z = (onnx.numpy_helper.to_array(inits[i]).astype(np.float64) for i in q.input[1:3])
+        ts, tz = (onnx.numpy_helper.to_array(trt_inits[i]) for i in tq.input[1:3])
+        assert trt_inits[tq.input[2]].data_type == onnx.TensorProto.INT8 and not tz.any()
+        want = np.where(z == 128, s, np.maximum(z * s, (255 - z) * s) / 127.5)  # 128: already symmetric
+        assert np.allclose(ts, want, rtol=1e-6)
 
 
 def _check_fp16(path, fp32_path):
@@ -179,3 +187,19 @@ def test_r50_fp16_graph_passes_its_gate_and_keeps_exact_parts_float(r50_fp16_onn
     meta = json.loads({p.key: p.value for p in onnx.load(str(r50_fp16_onnx), load_external_data=False)
                        .metadata_props}["frcnn.precision"])
     assert meta == "fp16"
+
+
+def test_tensorrt_form_of_the_int8_graph_passes_the_int8_gate(tiny_int8_onnx, tiny_net, tmp_path):
+    """What `export tensorrt` hands the builder (symmetric int8 activations, float biases) still is
+    the gated detector: onnxruntime runs it (int8 Q/DQ) and it passes the int8 gate on the same images."""
+    from export.verify import quick_verify
+    from tests.export.conftest import _coco_arrays
+
+    net, meta = tiny_net
+    trt = tensorrt_ready(onnx.load(str(tiny_int8_onnx)))
+    assert tensorrt_problems(trt) == []
+    path = tmp_path / "tiny.int8.trt.onnx"
+    onnx.save_model(trt, str(path))
+    reference = Pipeline.from_model(net, meta.config, meta.class_names)
+    report = quick_verify(reference, path, other=Pipeline.load(path, threads=2), real_images=_coco_arrays(8, 4))
+    assert report.ok and report.match_rate >= 0.6

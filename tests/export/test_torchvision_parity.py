@@ -4,7 +4,6 @@ one batch of three COCO128 images of different sizes gives torchvision's own det
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,21 +21,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def r50_onnx(tmp_path_factory):
+def r50_onnx(r50_parity):
+    """The session's R50 stand-in graph (tests/export/conftest.py), exported once for every test."""
     if not GOLDEN.exists() or not COCO.is_dir():
         pytest.skip("torchvision golden fixture or COCO128 images missing")
-    sys.path.insert(0, str(ROOT / "tools"))
-    from parity_weights import parity_state_dict, seeded_model
-
-    from export.onnx_export import build_graph
-
-    net = seeded_model()
-    net.load_state_dict(parity_state_dict())
-    proto = build_graph(net, net.config, [f"c{i}" for i in range(91)])
-    path = tmp_path_factory.mktemp("r50") / "r50.onnx"
-    import onnx
-
-    onnx.save_model(proto, str(path))
+    net, path = r50_parity
     return path, net.config
 
 

@@ -11,7 +11,15 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from export.verify import GateFailed, MatchRule, compare, match_rate, matched_fraction, quick_verify, synthetic_images
+from export.verify import (
+    GateFailed,
+    MatchRule,
+    compare,
+    match_rate,
+    matched_fraction,
+    quick_verify,
+    synthetic_images,
+)
 from model.postprocess import Detections
 from runtime import Pipeline
 
