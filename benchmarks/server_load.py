@@ -238,13 +238,15 @@ def make_random_checkpoint(preset_name: str, out: Path) -> Path:
 
 def r50_parity_onnx() -> Path:
     """The converted torchvision R50-FPN with tools/parity_weights.py's stand-in weights, exported to
-    ONNX once (about 3 minutes) and cached: real detections, so postprocess costs what it would."""
-    out = CACHE / "r50-parity-600-1000.onnx"
-    if out.is_file():
-        return out
+    ONNX once (about 3 minutes) and cached while the checkpoint and the export code are unchanged:
+    real detections, so postprocess costs what it would."""
     import importlib.util
 
-    from export.onnx_export import export_onnx
+    from export.onnx_export import export_onnx, is_fresh
+
+    out, ckpt = CACHE / "r50-parity-600-1000.onnx", CACHE / "r50-parity-ckpt"
+    if ckpt.is_dir() and is_fresh(out, ckpt):
+        return out
     from model.checkpoint import save_checkpoint
     from model.torchvision_import import class_names_for, load_torchvision, torchvision_config
 
@@ -252,7 +254,6 @@ def r50_parity_onnx() -> Path:
     parity = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(parity)
     cfg = torchvision_config("resnet50_fpn", 91, min_size=600, max_size=1000)
-    ckpt = CACHE / "r50-parity-ckpt"
     save_checkpoint(ckpt, load_torchvision(parity.parity_state_dict(), cfg), cfg, class_names_for(91),
                     provenance={"source": "tools/parity_weights.py"})
     print(f"exporting the R50-FPN stand-in to {out} (once) ...")
@@ -336,7 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         proc, url = start_server(args, model)
     try:
-        print(f"server at {url} ({'padded mixed-size batches' if args.mixed_batches else 'same-size batches'}):")
+        import httpx
+
+        chosen = httpx.get(f"{url}/model", timeout=30).json()["max_batch_size"]
+        report["server_max_batch_size"] = chosen
+        print(f"server at {url} ({'padded mixed-size batches' if args.mixed_batches else 'same-size batches'}; "
+              f"batches of at most {chosen} of max_batch_size {args.max_batch_size}, batch_autotune):")
         print(f"  {'stream':>6} {'conc':>4} {'req':>6} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
               f"{'batch':>6} {'backend ms/batch':>16} {'overhead p50 ms':>15}")
         report["levels"] = {}

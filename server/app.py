@@ -65,8 +65,14 @@ def create_app(settings: Settings | None = None, *, pipeline: Any = None) -> Fas
         pipe = pipeline if pipeline is not None else await asyncio.to_thread(load_pipeline, settings)
         engine = Engine(pipe, max_pixels=settings.max_pixels, mixed_batches=settings.batch_mixed_sizes)
         warm_s = await asyncio.to_thread(engine.warmup)
-        engine.on_backend = metrics.backend.observe
         log.info("model %s (%s) warmed up in %.2fs", engine.model_name, engine.backend_name, warm_s)
+        batch_size = settings.max_batch_size
+        if settings.batch_autotune and batch_size > 1:
+            batch_size, per_image = await asyncio.to_thread(engine.tune_batch_size, batch_size)
+            log.info("batch size %d of at most %d (backend seconds per image by batch size: %s)", batch_size,
+                     settings.max_batch_size, ", ".join(f"{b}: {s:.4f}" for b, s in per_image.items()))
+        metrics.max_batch_size.set(batch_size)
+        engine.on_backend = metrics.backend.observe
 
         def prepare(job: Job):
             t0 = time.perf_counter()
@@ -76,7 +82,7 @@ def create_app(settings: Settings | None = None, *, pipeline: Any = None) -> Fas
                 metrics.preprocess.observe(time.perf_counter() - t0)
 
         batcher = MicroBatcher(prepare=prepare, handle=engine.handle, key=engine.batch_key,
-                               max_batch_size=settings.max_batch_size, max_delay_s=settings.max_delay_ms / 1000.0,
+                               max_batch_size=batch_size, max_delay_s=settings.max_delay_ms / 1000.0,
                                queue_size=settings.queue_size, workers=settings.workers,
                                large_cost=settings.large_decode_pixels, cost_budget=settings.decode_pixel_budget,
                                infer_threads=settings.inference_threads, wait_when_idle=settings.wait_when_idle,
@@ -111,7 +117,7 @@ def create_app(settings: Settings | None = None, *, pipeline: Any = None) -> Fas
     key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                               description="required when the server has an api_key")
 
-    def require_key(key: str | None = Depends(key_header)) -> None:
+    async def require_key(key: str | None = Depends(key_header)) -> None:  # async: no threadpool hop
         # bytes: compare_digest refuses non-ASCII str, and a client's odd header must stay a 401
         if settings.api_key and not (key and secrets.compare_digest(key.encode(), settings.api_key.encode())):
             raise ApiError(401, "unauthorized", "missing or wrong X-API-Key header",
@@ -154,7 +160,7 @@ def create_app(settings: Settings | None = None, *, pipeline: Any = None) -> Fas
     async def model_info(request: Request) -> ModelInfo:
         engine = engine_of(request)
         return ModelInfo(name=engine.model_name, backend=engine.backend_name, classes=engine.class_names,
-                         input=_jsonable(engine.input_settings), max_batch_size=settings.max_batch_size,
+                         input=_jsonable(engine.input_settings), max_batch_size=request.app.state.batcher.max_batch_size,
                          score_threshold=settings.score_threshold, max_detections=settings.max_detections,
                          version=model_version(engine), precision=str(getattr(engine.pipe, "precision", "fp32")),
                          sample=SAMPLE_PATH if has_sample(engine.class_names) else None)

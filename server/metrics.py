@@ -51,6 +51,8 @@ class Metrics:
         self.queue_depth = Gauge("frcnn_queue_depth", "images waiting for a batch", registry=r)
         self.rejected = Counter("frcnn_rejected", "images refused because the queue was full", registry=r)
         self.ready = Gauge("frcnn_ready", "1 once the model is loaded and warmed up", registry=r)
+        self.max_batch_size = Gauge("frcnn_max_batch_size", "largest batch the server forms (max_batch_size, "
+                                    "or less where batch_autotune found a larger batch does not pay)", registry=r)
         # Batching by padded shape: images batch only with images of the same padded size, so
         # mean batch per shape (images / batches) shows whether batching happens for each.
         self.shape_batches = Counter("frcnn_shape_batches", "backend calls by padded input shape (HxW)",

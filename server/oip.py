@@ -70,7 +70,7 @@ def model_version(engine: Engine) -> str:
     return digest[:12] or "1"
 
 
-def model_parameters(engine: Engine, settings: Any) -> dict[str, Any]:
+def model_parameters(engine: Engine, settings: Any, max_batch_size: int) -> dict[str, Any]:
     """What a client needs besides the tensors: classes, what the server does before and after the
     model (it decodes and preprocesses; the client sends files), the precision the graph runs."""
     return {
@@ -82,7 +82,7 @@ def model_parameters(engine: Engine, settings: Any) -> dict[str, Any]:
         "score_threshold": settings.score_threshold,
         "max_detections": settings.max_detections,
         "max_images_per_request": settings.max_images_per_request,
-        "max_batch_size": settings.max_batch_size,
+        "max_batch_size": max_batch_size,  # in use: batch_autotune may have lowered the setting
     }
 
 
@@ -402,7 +402,8 @@ def build_routers(require_key: Callable[..., None], *, max_images: int) -> tuple
             "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
             "outputs": [{"name": n, "datatype": dt, "shape": [-1] + [-1 if d == "K" else d for d in dims]}
                         for n, (dt, _, dims) in OUTPUTS.items()],
-            "parameters": model_parameters(engine, request.app.state.settings),
+            "parameters": model_parameters(engine, request.app.state.settings,
+                                           request.app.state.batcher.max_batch_size),
         }
 
     async def model_ready(request: Request, name: str, version: str | None = None) -> dict[str, Any]:

@@ -39,7 +39,8 @@ def make_settings(tiny_checkpoint, tmp_path_factory) -> Callable[..., object]:
 
     def make(**overrides):
         base = dict(model=tiny_checkpoint, backend="torch", score_threshold=0.0,
-                    max_batch_size=4, max_delay_ms=20, queue_size=32, workers=2, threads=2)
+                    max_batch_size=4, max_delay_ms=20, queue_size=32, workers=2, threads=2,
+                    batch_autotune=False)  # the batching tests need batches; test_batch_autotune.py tunes
         base.update(overrides)
         return Settings(_env_file=None, **base)
 
