@@ -93,6 +93,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "onnx":
         from export.onnx_export import export_onnx, is_fresh
 
+        if args.precision == "int8" and not args.calib_images:  # before a minutes-long export, not after it
+            raise ValueError("int8 needs calibration images: --calib-images DIR (photos like the ones served)")
         if args.if_stale and is_fresh(args.out, args.checkpoint) and _graph_precision(args.out) == args.precision:
             print(f"up to date: {args.out}")
             return 0

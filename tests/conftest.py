@@ -37,3 +37,36 @@ def coco128_images(shared_data: Path) -> list[Path]:
 def fixtures_dir() -> Path:
     """tests/fixtures: golden files written by tools/make_golden_*.py."""
     return FIXTURES
+
+
+PARITY = REPO_ROOT / "tools" / "parity_weights.py"
+
+
+@pytest.fixture(scope="session")
+def r50_parity_checkpoint(tmp_path_factory) -> Path:
+    """torchvision's R50-FPN layout with tools/parity_weights.py's deterministic stand-in weights,
+    "converted" through the torchvision importer, at 600/1000."""
+    import importlib.util
+
+    if not PARITY.exists():
+        pytest.skip("tools/parity_weights.py missing")
+    from model.checkpoint import save_checkpoint
+    from model.torchvision_import import class_names_for, load_torchvision, torchvision_config
+
+    spec = importlib.util.spec_from_file_location("parity_weights", PARITY)
+    parity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parity)
+    cfg = torchvision_config("resnet50_fpn", 91, min_size=600, max_size=1000)
+    net = load_torchvision(parity.parity_state_dict(), cfg)
+    out = tmp_path_factory.mktemp("r50") / "r50-parity"
+    save_checkpoint(out, net, cfg, class_names_for(91), provenance={"source": "tools/parity_weights.py"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def r50_parity_onnx(r50_parity_checkpoint, tmp_path_factory) -> Path:
+    """The same checkpoint exported once to ONNX (the slow part; shared by every test that serves it)."""
+    pytest.importorskip("onnxruntime")
+    from export.onnx_export import export_onnx
+
+    return export_onnx(r50_parity_checkpoint, tmp_path_factory.mktemp("r50onnx") / "r50.onnx", verify=False)

@@ -106,26 +106,14 @@ def tiny_fp16_onnx(tiny_onnx, tiny_net, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def r50_parity(tmp_path_factory):
-    """(net, fp32 graph path): torchvision-layout R50-FPN with tools/parity_weights.py's stand-in
-    weights, exported once for the session (about 2 minutes on 2 cores)."""
-    import sys
+def r50_parity(r50_parity_checkpoint, r50_parity_onnx):
+    """(net, fp32 graph path): the converted torchvision R50-FPN with tools/parity_weights.py's
+    stand-in weights and its ONNX export, the same pair the server tests serve (tests/conftest.py:
+    exported once for the whole session, about 30 s)."""
+    from model.checkpoint import load_checkpoint
 
-    import onnx
-
-    root = Path(__file__).resolve().parents[2]
-    sys.path.insert(0, str(root / "tools"))
-    from parity_weights import parity_state_dict, seeded_model
-
-    from export.onnx_export import build_graph
-    from model.coco_names import COCO_91
-
-    net = seeded_model()
-    net.load_state_dict(parity_state_dict())
-    net.eval()
-    path = tmp_path_factory.mktemp("r50") / "r50.onnx"
-    onnx.save_model(build_graph(net, net.config, list(COCO_91)), str(path))
-    return net, path
+    net, _ = load_checkpoint(r50_parity_checkpoint)
+    return net.eval(), r50_parity_onnx
 
 
 @pytest.fixture(scope="session")
@@ -134,7 +122,7 @@ def r50_int8_onnx(r50_parity, tmp_path_factory) -> Path:
 
     net, fp32 = r50_parity
     return _reduced(fp32, tmp_path_factory.mktemp("r50") / "r50.int8.onnx", "int8", net, net.config,
-                    list(COCO_91), _coco_arrays(0, 8), _coco_arrays(8, 4))
+                    list(COCO_91), _coco_arrays(0, 4), _coco_arrays(8, 2))
 
 
 @pytest.fixture(scope="session")
@@ -143,4 +131,4 @@ def r50_fp16_onnx(r50_parity, tmp_path_factory) -> Path:
 
     net, fp32 = r50_parity
     return _reduced(fp32, tmp_path_factory.mktemp("r50") / "r50.fp16.onnx", "fp16", net, net.config,
-                    list(COCO_91), None, _coco_arrays(8, 4))
+                    list(COCO_91), None, _coco_arrays(8, 2))
