@@ -42,10 +42,10 @@ class _TimedPipe:
 
 
 @pytest.mark.parametrize(("cost", "want"), [
-    (lambda b: 0.03 * b, 1),  # linear in the batch (CPU, compute bound): no size pays
-    (lambda b: 0.03 * b ** 1.2, 1),  # worse than linear (caches): batching would lose
-    (lambda b: 0.03, 8),  # one call's time whatever the batch (GPU): the largest size
-    (lambda b: 0.03 if b <= 2 else 0.03 * b, 2),  # pays up to 2, not beyond
+    (lambda b: 0.1 * b, 1),  # linear in the batch (CPU, compute bound): no size pays
+    (lambda b: 0.1 * b ** 1.2, 1),  # worse than linear (caches): batching would lose
+    (lambda b: 0.1, 8),  # one call's time whatever the batch (GPU): the largest size
+    (lambda b: 0.1 if b <= 2 else 0.1 * b, 2),  # pays up to 2, not beyond
 ])
 def test_tuned_size_is_the_largest_that_pays(cost, want):
     pipe = _TimedPipe(cost)
@@ -55,7 +55,7 @@ def test_tuned_size_is_the_largest_that_pays(cost, want):
 
 
 def test_tuning_stops_at_the_first_size_that_does_not_pay():
-    pipe = _TimedPipe(lambda b: 0.03 * b)
+    pipe = _TimedPipe(lambda b: 0.1 * b)
     Engine(pipe, max_pixels=10**8).tune_batch_size(64, size=(8, 8))
     assert max(pipe.calls) == 2  # batch 2 did not pay: 4 ... 64 never ran
 
