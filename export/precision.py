@@ -10,9 +10,10 @@ precision of every layer; no builder flags, no calibrator.
 
 What is reduced: the dense layers (Conv, Gemm) of the backbone, the FPN, the RPN's shared 3x3 conv
 and the box head (fc6, fc7): nearly all the FLOPs; int8 also the feature Adds and their ReLUs
-(int8_nodes). What stays float (FLOAT_LAYERS, and every other op): the RPN's objectness and delta 1x1 convs and the box predictor (they rank
-proposals and classes, where rounding reorders near-equal scores), so box decoding, RoiAlign
-coordinates, the NMS inputs and the score softmax all compute in fp32 from fp32 inputs.
+(int8_nodes). What stays float (FLOAT_LAYERS, and every other op): the RPN's objectness and delta
+1x1 convs and the box predictor (they rank proposals and classes, where rounding reorders
+near-equal scores), so box decoding, RoiAlign coordinates, the NMS inputs and the score softmax
+all compute in fp32 from fp32 inputs.
 
 int8 (onnxruntime.quantization, static, QDQ): per-channel symmetric int8 weights, per-tensor
 asymmetric uint8 activations (onnxruntime's fast x86 kernels: VNNI u8 x s8; a zero point at 0 lets

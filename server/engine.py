@@ -179,7 +179,8 @@ class Engine:
         while True:
             items = [Prepared(job=Job("tune", b"", 0.5, 10), width=w, height=h, item=item, decode_s=0.0,
                               preprocess_s=0.0) for _ in range(b)]
-            self.handle(items)  # first call at a new batch size allocates
+            if b > 1:  # first call at a new batch size allocates (warmup ran batch 1 at this size)
+                self.handle(items)
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
