@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="checkpoint dir, .onnx or .engine")
     ap.add_argument("--backend", default="auto", choices=BACKENDS)
     ap.add_argument("--device", default="cpu", help="torch backend device (cpu, cuda)")
+    ap.add_argument("--providers", help="onnxruntime execution providers, comma-separated in order "
+                    "(cpu, cuda, tensorrt; default: the best available)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--score-threshold", type=float)
     ap.add_argument("--max-detections", type=int)
@@ -76,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--batch-size must be at least 1")
     try:
         paths = collect_images(args.inputs)
-        pipe = Pipeline.load(args.model, backend=args.backend, device=args.device, threads=args.threads)
+        providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+        pipe = Pipeline.load(args.model, backend=args.backend, device=args.device, threads=args.threads,
+                             providers=providers)
         print(f"model {pipe.model_name}: {pipe.backend_name} backend, {pipe.precision}", file=sys.stderr)
         results = predict_files(pipe, paths, batch_size=args.batch_size, score_threshold=args.score_threshold,
                                 max_detections=args.max_detections)

@@ -71,12 +71,13 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path, *, backend: str = "auto", device: str = "cpu",
-             threads: int | None = None) -> Pipeline:
-        """path: checkpoint directory (torch), .onnx (onnxruntime), .engine (tensorrt)."""
+             threads: int | None = None, providers: list[str] | None = None) -> Pipeline:
+        """path: checkpoint directory (torch, on `device`), .onnx (onnxruntime, on `providers`; None =
+        the best available), .engine (tensorrt)."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no model at {path}")
-        b = load_backend(path, backend, device=device, threads=threads)
+        b = load_backend(path, backend, device=device, threads=threads, providers=providers)
         return cls(b, b.config, list(b.class_names), path.stem if path.is_file() else path.name)
 
     @classmethod

@@ -1,5 +1,5 @@
-"""python -m server [--model PATH] [--backend ...] [--host] [--port] [--max-batch-size] [--max-delay-ms]
-[--workers]. Options override FRCNN_* environment variables; everything else comes from them."""
+"""python -m server [--model PATH] [--backend ...] [--device] [--providers] [--host] [--port]
+[--max-batch-size] [--max-delay-ms] [--workers]. Options override FRCNN_* environment variables; everything else comes from them."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ _OPTIONS = (
     ("--workers", int, "decode/preprocess threads"),
     ("--queue-size", int, "images waiting before 503"),
     ("--threads", int, "backend intra-op threads"),
+    ("--device", str, "torch backend: cpu, cuda or cuda:N"),
+    ("--providers", str, "onnxruntime execution providers, comma-separated in order (cpu, cuda, tensorrt)"),
     ("--log-level", str, "critical|error|warning|info|debug"),
 )
 

@@ -34,10 +34,13 @@ def resolve(settings: Settings) -> tuple[Path, str]:
 
 def load_pipeline(settings: Settings) -> Pipeline:
     path, backend = resolve(settings)
-    pipe = Pipeline.load(path, backend=backend, threads=settings.threads)
+    pipe = Pipeline.load(path, backend=backend, threads=settings.threads, device=settings.device,
+                         providers=settings.providers or None)
     if path.is_dir():
         log.info("model: serving checkpoint %s with the torch backend; for onnxruntime (faster on CPU) run "
                  "`python -m export onnx --checkpoint %s --out model.onnx --if-stale` and serve model.onnx "
                  "(`make serve` does both)", path, path)
-    log.info("model: %s served by the %s backend (%s)", path, pipe.backend_name, pipe.precision)
+    where = {"torch": settings.device, "onnxruntime": ", ".join(getattr(pipe.backend, "providers", []))}
+    log.info("model: %s served by the %s backend (%s; %s)", path, pipe.backend_name, pipe.precision,
+             where.get(pipe.backend_name, "gpu"))
     return pipe

@@ -36,6 +36,12 @@ class Settings(BaseSettings):
                                     "threads", "frcnn_threads", "intra_op_threads", "frcnn_intra_op_threads"),
                                 description="backend intra-op threads; None = library default "
                                             "(FRCNN_INTRA_OP_THREADS is the deprecated spelling)")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]{1,2})?)$",
+                        description="torch backend: where the checkpoint runs (cpu, cuda, cuda:N)")
+    providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="onnxruntime execution providers in order of preference "
+        "(cpu, cuda, tensorrt or onnxruntime's full names; comma-separated in FRCNN_PROVIDERS); "
+        "empty = the best this onnxruntime build offers (TensorRT, CUDA, then CPU)")
 
     # network
     host: str = "127.0.0.1"
@@ -84,7 +90,7 @@ class Settings(BaseSettings):
     score_threshold: float = Field(0.5, ge=0.0, le=1.0)
     max_detections: int = Field(100, ge=1)
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "providers", mode="before")
     @classmethod
     def _split_origins(cls, v: object) -> object:
         if isinstance(v, str):

@@ -25,8 +25,9 @@ def resolve_backend(path: str | Path, backend: str = "auto") -> str:
 
 
 def load_backend(path: str | Path, backend: str = "auto", *, device: str = "cpu",
-                 threads: int | None = None) -> Any:
-    """Load `path` with the backend resolve_backend picks (threads: intra-op threads; None = library default)."""
+                 threads: int | None = None, providers: list[str] | None = None) -> Any:
+    """Load `path` with the backend resolve_backend picks (threads: intra-op threads; None = library
+    default; device: the torch backend's; providers: onnxruntime's, None = the best available)."""
     path = Path(path)
     kind = resolve_backend(path, backend)
     if kind == "torch":
@@ -36,11 +37,14 @@ def load_backend(path: str | Path, backend: str = "auto", *, device: str = "cpu"
 
         if threads:
             torch.set_num_threads(threads)
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this torch build or machine has no CUDA GPU "
+                             f"(torch {torch.__version__}); use device cpu")
         return TorchBackend.from_checkpoint(path, device=device)
     if kind == "onnxruntime":
         from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(path, intra_op_threads=threads)
+        return OnnxRuntimeBackend(path, intra_op_threads=threads, providers=providers or None)
     from runtime.backends.tensorrt_backend import TensorRTBackend
 
     return TensorRTBackend(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 
 from server import model_source
@@ -45,3 +46,29 @@ def test_checkpoint_served_by_torch_with_a_hint(tiny_checkpoint, caplog):
     assert (pipe.backend_name, pipe.precision) == ("torch", "fp32")
     assert "--if-stale" in caplog.text and "torch backend" in caplog.text
 
+
+
+def test_device_and_providers_reach_the_backend(tiny_checkpoint, tmp_path, monkeypatch):
+    """FRCNN_PROVIDERS / --providers pick onnxruntime's execution providers (aliases expanded); one
+    this onnxruntime lacks, or a CUDA device torch cannot see, is refused at load with the reason."""
+    import onnxruntime as ort
+    import torch
+
+    from export.onnx_export import export_onnx
+    from server.__main__ import parse_settings
+
+    graph = export_onnx(tiny_checkpoint, tmp_path / "tiny.onnx", verify=False)
+    monkeypatch.setenv("FRCNN_PROVIDERS", "cpu, CPUExecutionProvider")
+    assert Settings(_env_file=None).providers == ["cpu", "CPUExecutionProvider"]
+    assert parse_settings(["--providers", "cpu"]).providers == ["cpu"]
+    pipe = model_source.load_pipeline(_settings(model=graph, providers=["cpu"], threads=1))
+    assert pipe.backend.session.get_providers() == ["CPUExecutionProvider"]
+    assert pipe.predict([np.zeros((64, 80, 3), np.uint8)])  # it runs
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ValueError, match=r"CUDAExecutionProvider.*not available here"):
+            model_source.load_pipeline(_settings(model=graph, providers=["cuda"]))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            model_source.load_pipeline(_settings(model=tiny_checkpoint, device="cuda"))
+    with pytest.raises(ValueError, match="device"):
+        _settings(device="gpu")  # cpu, cuda or cuda:N only
