@@ -19,6 +19,9 @@ Needs root, podman and debootstrap (Debian packages). Steps:
        - a different checkpoint mounted: the entrypoint exports it into the cache volume and serves it
   4. figures: build time, image size, time to ready
 
+Steps 1 and 2 live in tools/image_build.py, the pod of step 3 (overlay, mounts, chroot) in
+tools/image_pod.py; this file runs the checks and prints the figures.
+
 `podman run` is not used: this sandbox refuses the OCI runtime's setrlimit. chroot + namespaces
 stand in for it; what the image declares (user, env, workdir, entrypoint, healthcheck) is applied
 from `podman image inspect`, not repeated here.
@@ -40,161 +43,16 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-BASE_IMAGE = "localhost/debian-py:bookworm"
-DEBOOTSTRAP = ["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # a script: its sibling modules
+from image_build import BASE_IMAGE, ROOT, build, ensure_base, log, podman, sh  # noqa: E402
+from image_pod import Pod, deployment  # noqa: E402
+
 PHOTOS = ROOT.parent / "shared" / "data" / "coco128" / "train2017"
-DEPLOYMENT = ROOT / "deploy" / "k8s" / "base" / "deployment.yaml"
 REF_PORT = 8001  # the checkout's server, beside the image's inside the private network namespace
 
 
-def log(msg: str) -> None:
-    print(f"image-check: {msg}", flush=True)
-
-
-def sh(*cmd: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(list(cmd), check=True, text=True, **kw)
-
-
-def podman(*args: str, **kw) -> str:
-    return sh("podman", *args, capture_output=True, **kw).stdout.strip()
-
-
-# --- 1, 2: base image and build ---------------------------------------------------------------------
-
-
-def ensure_base(cache: Path) -> str:
-    if subprocess.run(["podman", "image", "exists", BASE_IMAGE]).returncode == 0:
-        return "already in podman's storage"
-    tarball = cache / "debian-py-bookworm.tar"
-    t0 = time.perf_counter()
-    if not tarball.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            rootfs = Path(tmp) / "rootfs"
-            log(f"debootstrap {rootfs} (once; cached as {tarball})")
-            sh(*DEBOOTSTRAP, str(rootfs), stdout=subprocess.DEVNULL)
-            part = tarball.with_suffix(".part")
-            sh("tar", "-C", str(rootfs), "-cf", str(part), ".")
-            part.replace(tarball)
-    sh("podman", "import", str(tarball), BASE_IMAGE, stdout=subprocess.DEVNULL)
-    return f"imported from {tarball} in {time.perf_counter() - t0:.0f} s"
-
-
-def pip_setting(key: str) -> str | None:
-    """A value of pip's own configuration as the host's pip sees it (env var, config files)."""
-    env = os.environ.get("PIP_" + key.upper().replace("-", "_"))
-    if env:
-        return env
-    out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        name, _, value = line.partition("=")
-        if name.split(".")[-1] == key:
-            return value.strip().strip("'\"")
-    return None
-
-
-def build_args() -> list[str]:
-    """podman build options that feed the host's torch wheel and CA bundle to pip in the build."""
-    args = ["--build-arg", f"PYTHON_IMAGE={BASE_IMAGE}"]
-    links = [d for d in (pip_setting("find-links") or "").split() if list(Path(d).glob("torch-*.whl"))]
-    if links:
-        # the local CPU wheel (2.13.0+cpu sorts above the registry's 2.13.0) next to the registry
-        index = pip_setting("index-url") or "https://pypi.org/simple"
-        args += ["-v", f"{links[0]}:/wheels:ro", "--build-arg", "PIP_FIND_LINKS=/wheels",
-                 "--build-arg", f"TORCH_INDEX_URL={index}"]
-    cert = pip_setting("cert")
-    if cert and Path(cert).is_file():
-        args += ["-v", f"{cert}:/build-ca.crt:ro", "--build-arg", "PIP_CERT=/build-ca.crt"]
-    return args
-
-
-def build(image: str, model_name: str, logfile: Path) -> float:
-    cmd = ["podman", "build", "--isolation", "chroot", "--network", "host", "--format", "docker",
-           "-f", "deploy/Dockerfile", "--ignorefile", "deploy/Dockerfile.dockerignore",
-           "--build-arg", f"MODEL_NAME={model_name}", *build_args(), "-t", image, "."]
-    log(" ".join(cmd) + f"  (log: {logfile})")
-    t0 = time.perf_counter()
-    logfile.parent.mkdir(parents=True, exist_ok=True)
-    with logfile.open("w") as fh:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        print("\n".join(logfile.read_text().splitlines()[-30:]), file=sys.stderr)
-        raise SystemExit(f"image-check: FAIL: podman build exited {rc}")
-    return time.perf_counter() - t0
-
-
-# --- 3: the image as a pod ----------------------------------------------------------------------------
-
-
-class Pod:
-    """The image's filesystem read-only, the Deployment's volumes, processes as the image's user."""
-
-    def __init__(self, image_root: Path, config: dict, work: Path):
-        self.config, self.work = config, work
-        self.user = config["User"]
-        self.uid, self.gid = (int(x) for x in self.user.split(":"))
-        self.root = work / "root"
-        upper, wd = work / "upper", work / "ovl-work"
-        for d in (self.root, upper, wd):
-            d.mkdir()
-        # an overlay, so mount points the image lacks (/model-volume) can be made before it goes
-        # read-only, as a container runtime makes them; upper/ shows anything else that was written
-        sh("mount", "-t", "overlay", "overlay", "-o", f"lowerdir={image_root},upperdir={upper},workdir={wd}",
-           str(self.root))
-        self.upper = upper
-
-    def prepare_mountpoints(self, paths: list[str]) -> None:
-        for p in paths:
-            (self.root / p.lstrip("/")).mkdir(parents=True, exist_ok=True)
-        sh("mount", "-o", "remount,ro", str(self.root))
-        sh("mount", "-t", "proc", "proc", str(self.root / "proc"))
-        for sys_dir in ("dev", "sys"):
-            sh("mount", "--rbind", f"/{sys_dir}", str(self.root / sys_dir))
-
-    def mount(self, host_dir: Path, path: str, read_only: bool = False) -> None:
-        target = str(self.root / path.lstrip("/"))
-        sh("mount", "--bind", str(host_dir), target)
-        if read_only:
-            sh("mount", "-o", "remount,bind,ro", target)
-
-    def unmount(self, path: str) -> None:
-        sh("umount", str(self.root / path.lstrip("/")))
-
-    def env(self) -> list[str]:
-        env = list(self.config.get("Env") or [])
-        if not any(e.startswith("HOME=") for e in env):  # Docker sets HOME from the image's passwd
-            home = "/"
-            for line in (self.root / "etc" / "passwd").read_text().splitlines():
-                f = line.split(":")
-                if f[2] == str(self.uid):
-                    home = f[5]
-            env.append(f"HOME={home}")
-        return env
-
-    def argv(self, cmd: list[str], extra_env: list[str] = ()) -> list[str]:
-        return ["chroot", f"--userspec={self.user}", f"--groups={self.gid}", str(self.root), "/usr/bin/env", "-i",
-                f"--chdir={self.config.get('WorkingDir') or '/'}", *self.env(), *extra_env, *cmd]
-
-    def run(self, cmd: list[str], **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(self.argv(cmd), capture_output=True, text=True, **kw)
-
-    def start(self, logfile: Path, extra_env: list[str] = ()) -> subprocess.Popen:
-        """ENTRYPOINT + CMD; extra_env as `docker run -e` would add it (after the image's Env: it wins)."""
-        cmd = list(self.config.get("Entrypoint") or []) + list(self.config.get("Cmd") or [])
-        fh = logfile.open("w")
-        return subprocess.Popen(self.argv(cmd, extra_env), stdout=fh, stderr=subprocess.STDOUT)
-
-
-def deployment() -> tuple[dict, dict, dict]:
-    """(pod spec, server container, init container) of the base Deployment."""
-    (dep,) = [d for d in yaml.safe_load_all(DEPLOYMENT.read_text()) if d and d.get("kind") == "Deployment"]
-    spec = dep["spec"]["template"]["spec"]
-    (server,) = [c for c in spec["containers"] if c["name"] == "server"]
-    (init,) = spec["initContainers"]
-    return spec, server, init
+# --- 3: checks on the running image -------------------------------------------------------------------
 
 
 def wait_until(what: str, check, deadline_s: float, every_s: float = 0.2,

@@ -22,6 +22,12 @@ def tool():
     return mod
 
 
+@pytest.fixture(scope="module")
+def builder(tool):
+    """tools/image_build.py, the build half image_check imports (tools/ is on its path)."""
+    return sys.modules["image_build"]
+
+
 ANSWER = [{"image": "a.jpg", "width": 640, "height": 480, "detections": [
     {"box": [1.0, 2.0, 30.5, 40.25], "score": 0.91, "label": "circle", "label_id": 1},
     {"box": [100.0, 120.0, 200.0, 220.0], "score": 0.42, "label": "square", "label_id": 2}]}]
@@ -56,7 +62,7 @@ def test_different_answers_fail(tool, change):
         tool.compare(ANSWER, other)
 
 
-def test_build_args_feed_pips_own_wheels_and_ca(tool, monkeypatch, tmp_path):
+def test_build_args_feed_pips_own_wheels_and_ca(builder, monkeypatch, tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     (wheels / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"")
@@ -65,15 +71,15 @@ def test_build_args_feed_pips_own_wheels_and_ca(tool, monkeypatch, tmp_path):
     monkeypatch.setenv("PIP_FIND_LINKS", f"/nonexistent {wheels}")
     monkeypatch.setenv("PIP_CERT", str(ca))
     monkeypatch.setenv("PIP_INDEX_URL", "https://mirror.example/simple")
-    args = tool.build_args()
-    assert args[:2] == ["--build-arg", f"PYTHON_IMAGE={tool.BASE_IMAGE}"]
+    args = builder.build_args()
+    assert args[:2] == ["--build-arg", f"PYTHON_IMAGE={builder.BASE_IMAGE}"]
     assert f"{wheels}:/wheels:ro" in args and "PIP_FIND_LINKS=/wheels" in args
     assert "TORCH_INDEX_URL=https://mirror.example/simple" in args
     assert f"{ca}:/build-ca.crt:ro" in args and "PIP_CERT=/build-ca.crt" in args
 
 
-def test_build_args_without_a_local_torch_keep_the_dockerfiles_index(tool, monkeypatch, tmp_path):
+def test_build_args_without_a_local_torch_keep_the_dockerfiles_index(builder, monkeypatch, tmp_path):
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))  # no torch wheel there
     monkeypatch.setenv("PIP_CERT", str(tmp_path / "missing.crt"))
-    args = tool.build_args()
+    args = builder.build_args()
     assert not any(a.startswith(("TORCH_INDEX_URL=", "PIP_FIND_LINKS=", "PIP_CERT=")) for a in args)
