@@ -171,14 +171,11 @@ class Engine:
         {size: seconds per image}). On a CPU a compute-bound model gains nothing from a batch (R50-FPN
         on onnxruntime here: 1.34 s per image alone, 1.40 s in a batch of 4), so the server runs it
         one image at a time; a GPU's batch pays and is kept."""
-        rng = np.random.default_rng(0)
-        h, w = size
-        item = self.pipe.prepare(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+        one = self._synthetic(size, np.random.default_rng(0))
         per_image: dict[int, float] = {}
         best, b = 1, 1
         while True:
-            items = [Prepared(job=Job("tune", b"", 0.5, 10), width=w, height=h, item=item, decode_s=0.0,
-                              preprocess_s=0.0) for _ in range(b)]
+            items = [one] * b
             if b > 1:  # first call at a new batch size allocates (warmup ran batch 1 at this size)
                 self.handle(items)
             times = []
@@ -200,13 +197,16 @@ class Engine:
         """Run the whole path once per size (first calls allocate and tune). Returns seconds."""
         t0 = time.perf_counter()
         rng = np.random.default_rng(0)
-        for h, w in sizes:
-            image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-            item = self.pipe.prepare(image)
-            p = Prepared(job=Job("warmup", b"", 0.5, 10), width=w, height=h, item=item,
-                         decode_s=0.0, preprocess_s=0.0)
-            self.handle([p])
+        for size in sizes:
+            self.handle([self._synthetic(size, rng)])
         return time.perf_counter() - t0
+
+    def _synthetic(self, size: tuple[int, int], rng: np.random.Generator) -> Prepared:
+        """A prepared random image of (h, w) `size`, as warmup and tuning feed the backend."""
+        h, w = size
+        item = self.pipe.prepare(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+        return Prepared(job=Job("warmup", b"", 0.5, 10), width=w, height=h, item=item, decode_s=0.0,
+                        preprocess_s=0.0)
 
 
 def _np(x: Any) -> np.ndarray:

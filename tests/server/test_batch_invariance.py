@@ -59,8 +59,7 @@ def test_concurrent_answers_equal_each_image_alone(r50_onnx, make_settings):
     # of 3 s: no image runs alone while its partner is still decoding (an image sent alone waits
     # the 3 s out, then runs alone).
     settings = make_settings(model=r50_onnx, backend="onnxruntime", score_threshold=0.05, max_detections=100,
-                             max_batch_size=2, max_delay_ms=3000, wait_when_idle=True, request_timeout_s=900,
-                             batch_autotune=False)
+                             max_batch_size=2, max_delay_ms=3000, wait_when_idle=True, request_timeout_s=900)
 
     async def concurrently(url: str) -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=900) as c:

@@ -49,8 +49,7 @@ def test_two_photos_in_one_request_match_torchvision(r50_checkpoint, make_settin
     golden = load_file(str(GOLDEN))
     files = [("images", (f"{n}.jpg", (COCO / f"{n}.jpg").read_bytes(), "image/jpeg")) for n in PHOTOS]
     settings = make_settings(model=model, backend=backend, score_threshold=0.05,
-                             max_detections=100, max_batch_size=2, max_delay_ms=1000, request_timeout_s=600,
-                             batch_autotune=False)
+                             max_detections=100, max_batch_size=2, max_delay_ms=1000, request_timeout_s=600)
     with serve(settings) as (url, _):
         r = httpx.post(f"{url}/detect", files=files, timeout=600)
         metrics = httpx.get(f"{url}/metrics").text
