@@ -6,6 +6,7 @@ that need it take `shared_data` and are skipped, with the reason, where it is ab
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,45 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_trace_per_graph():
+    """export.onnx_export.build_graph memoised for the session, keyed by everything the graph is
+    made from: the weights (every tensor's bytes), the config, the class names and the keywords.
+
+    Tracing costs about 30 s whatever the model's size (torch.export's decompositions), and many
+    tests export the same checkpoint with the same arguments (export_onnx's gate and atomic write,
+    the CLI's paths, Triton's repository from a checkpoint). The first call of each key traces for
+    real; later ones get a copy of that graph (callers mutate its metadata), which is what tracing
+    the same inputs again gives (build_graph is deterministic)."""
+    try:
+        import onnx
+        import torch
+
+        import export.onnx_export as onnx_export
+    except ImportError:  # a partial install: nothing to memoise
+        yield
+        return
+    real, graphs = onnx_export.build_graph, {}
+
+    def memoised(net, cfg, class_names, **kwargs):
+        h = hashlib.sha256(repr((cfg, list(class_names), sorted(kwargs.items()))).encode())
+        for name, t in net.state_dict().items():
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        key = h.hexdigest()
+        if key not in graphs:
+            graphs[key] = real(net, cfg, class_names, **kwargs)
+        copy = onnx.ModelProto()
+        copy.CopyFrom(graphs[key])
+        return copy
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(onnx_export, "build_graph", memoised)
+    yield graphs
+    mp.undo()
 
 
 @pytest.fixture(scope="session")

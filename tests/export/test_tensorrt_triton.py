@@ -110,7 +110,7 @@ def checkpoint_repo(tiny_checkpoint, tmp_path_factory) -> Path:
     from export.__main__ import main
 
     repo = tmp_path_factory.mktemp("triton") / "repo"
-    assert main(["triton", "--checkpoint", str(tiny_checkpoint), "--repo", str(repo), "--max-detections", "30",
+    assert main(["triton", "--checkpoint", str(tiny_checkpoint), "--repo", str(repo), "--max-detections", "20",
                  "--no-verify"]) == 0
     return repo / "frcnn"
 
@@ -121,10 +121,10 @@ def test_default_repository_from_a_checkpoint_is_the_batchable_nms_graph(checkpo
     config = parse_config(checkpoint_repo / "config.pbtxt")
     assert config.max_batch_size == 8 and list(config.dynamic_batching.preferred_batch_size) == [1, 2, 4, 8]
     assert [o.name for o in config.output] == ["boxes", "scores", "labels", "num_detections"]
-    assert list(config.output[0].dims) == [30, 4] and list(config.output[3].reshape.shape) == []
+    assert list(config.output[0].dims) == [20, 4] and list(config.output[3].reshape.shape) == []
     assert_config_matches_graph(config, checkpoint_repo / "1" / "model.onnx")
     meta = read_repository_metadata(checkpoint_repo)
-    assert meta.with_nms and meta.max_detections == 30 and meta.class_names[1] == "circle"
+    assert meta.with_nms and meta.max_detections == 20 and meta.class_names[1] == "circle"
     assert (checkpoint_repo / "labels.txt").read_text().split("\n")[:2] == ["__background__", "circle"]
 
 
@@ -170,7 +170,7 @@ def test_client_step_gives_the_pipeline_detections(checkpoint_repo, tiny_checkpo
     meta = read_repository_metadata(checkpoint_repo)
     images = [im.permute(1, 2, 0).contiguous().numpy() for im in coco_images[:3]]
     pipe = Pipeline.load(tiny_checkpoint, backend="torch")
-    want = pipe.predict(images, pipe.options(score_threshold=meta.postprocess["score_thresh"], max_detections=30))
+    want = pipe.predict(images, pipe.options(score_threshold=meta.postprocess["score_thresh"], max_detections=20))
     for image, w in zip(images, want, strict=True):
         inputs, originals = triton_inputs([image], meta.input_settings)
         assert inputs["images"].shape[2:] == pipe.padded_size(pipe.prepare(image))

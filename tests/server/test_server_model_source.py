@@ -47,17 +47,15 @@ def test_checkpoint_served_by_torch_with_a_hint(tiny_checkpoint, caplog):
     assert "--if-stale" in caplog.text and "torch backend" in caplog.text
 
 
-
-def test_device_and_providers_reach_the_backend(tiny_checkpoint, tmp_path, monkeypatch):
+def test_device_and_providers_reach_the_backend(tiny_checkpoint, r50_parity_onnx, monkeypatch):
     """FRCNN_PROVIDERS / --providers pick onnxruntime's execution providers (aliases expanded); one
     this onnxruntime lacks, or a CUDA device torch cannot see, is refused at load with the reason."""
     import onnxruntime as ort
     import torch
 
-    from export.onnx_export import export_onnx
     from server.__main__ import parse_settings
 
-    graph = export_onnx(tiny_checkpoint, tmp_path / "tiny.onnx", verify=False)
+    graph = r50_parity_onnx  # the session's graph (exporting one costs about 30 s)
     monkeypatch.setenv("FRCNN_PROVIDERS", "cpu, CPUExecutionProvider")
     assert Settings(_env_file=None).providers == ["cpu", "CPUExecutionProvider"]
     assert parse_settings(["--providers", "cpu"]).providers == ["cpu"]
