@@ -263,10 +263,18 @@ class MicroBatcher(Generic[In, Prep, Out]):
                 timeout = None
             if not self._free_slots:
                 timeout = None  # a finishing batch wakes us
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+            await self._woken(timeout)
+
+    async def _woken(self, timeout: float | None) -> None:
+        """Until _wake is set, or `timeout` seconds (the timer sets it: the loop above re-reads the
+        buckets either way). Not asyncio.wait_for, which on Python < 3.12 runs the wait as one
+        more task: two more event-loop turns between an image's decode and its dispatch."""
+        timer = None if timeout is None else self._loop.call_later(timeout, self._wake.set)
+        try:
+            await self._wake.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _dispatch(self, key: Hashable) -> None:
         q = self._buckets[key]
@@ -279,29 +287,29 @@ class MicroBatcher(Generic[In, Prep, Out]):
         self._under_load = len(jobs) > 1 or bool(self._pending)
         self._free_slots -= 1
         self._running += 1
-        task = asyncio.create_task(self._run_batch(jobs, key))
-        task.add_done_callback(lambda _t: self._batch_done())
-
-    def _batch_done(self) -> None:
-        self._free_slots += 1
-        self._running -= 1
-        if not self._pending and not self._running:
-            self._idle.set()
-        self._wake.set()
-
-    async def _run_batch(self, jobs: list[_Job], key: Hashable) -> None:
         items = [j.value for j in jobs]
         for j in jobs:
             j.value = None  # the batch holds the tensors now; cancelled jobs must not
+        # The inference thread hands the answers straight back to the loop (_deliver): no task
+        # and no asyncio-wrapped executor future between the backend and the submitters' futures.
+        self._infer_pool.submit(self._infer, jobs, items, key)
+
+    def _infer(self, jobs: list[_Job], items: list[Any], key: Hashable) -> None:
+        """Inference thread: one backend call, then the answers to the event loop."""
+        t0 = time.perf_counter()
         try:
-            t0 = time.perf_counter()
-            answers = await self._loop.run_in_executor(self._infer_pool, self._handle_safely, items)
-            if self.on_batch is not None:
-                self.on_batch(BatchStats(size=len(jobs), handle_s=time.perf_counter() - t0,
-                                         queue_depth=self.depth, key=key))
-        except Exception as e:  # never let a batch take the dispatcher down
+            answers = self._handle_safely(items)
+        except BaseException as e:  # noqa: BLE001 - never lose a batch: every item gets an answer
             log.exception("batcher: unexpected error")
             answers = [e] * len(jobs)
+        self._loop.call_soon_threadsafe(self._deliver, jobs, answers, key, time.perf_counter() - t0)
+
+    def _deliver(self, jobs: list[_Job], answers: list[Any], key: Hashable, handle_s: float) -> None:
+        try:
+            if self.on_batch is not None:
+                self.on_batch(BatchStats(size=len(jobs), handle_s=handle_s, queue_depth=self.depth, key=key))
+        except Exception:  # a metrics bug must not keep the answers from their requests
+            log.exception("batcher: on_batch failed")
         for job, answer in zip(jobs, answers, strict=True):
             if job.answer.done():
                 continue
@@ -309,6 +317,14 @@ class MicroBatcher(Generic[In, Prep, Out]):
                 job.answer.set_exception(answer)
             else:
                 job.answer.set_result(answer)
+        self._batch_done()
+
+    def _batch_done(self) -> None:
+        self._free_slots += 1
+        self._running -= 1
+        if not self._pending and not self._running:
+            self._idle.set()
+        self._wake.set()
 
     def _handle_safely(self, batch: list[Prep]) -> list[Out | BaseException]:
         """Runs in an inference thread. Whole-batch failure -> retry each item alone."""

@@ -94,30 +94,69 @@ async def run_jobs(state: Any, jobs: list[Job], request: Any = None) -> list[Ans
     return answers
 
 
+class _ClientGone(Exception):
+    pass
+
+
+class _TimedOut(Exception):
+    pass
+
+
+def _fail(fut: asyncio.Future, error: Exception) -> None:
+    if not fut.done():
+        fut.set_exception(error)
+
+
 async def _wait(futures: list[asyncio.Future], timeout_s: float, request: Any) -> list[Any] | None:
     """All answers (exceptions in place), or None on timeout. Raises ApiError 400 when the client
-    disconnects first (nobody would read the answer)."""
-    answers = asyncio.ensure_future(asyncio.gather(*futures, return_exceptions=True))
-    gone = asyncio.ensure_future(_client_gone(request)) if request is not None else None
+    disconnects first (nobody would read the answer).
+
+    One future, `all_in`, is set by the last answer (or failed by the timer or the disconnect
+    watcher) and awaited directly: the request resumes two event-loop turns after its last answer
+    (gather + wait took three, and a timeout task more)."""
+    if not futures:
+        return []
+    loop = asyncio.get_running_loop()
+    all_in = loop.create_future()
+    left = len(futures)
+
+    def one_in(_f: asyncio.Future) -> None:
+        nonlocal left
+        left -= 1
+        if left == 0 and not all_in.done():
+            all_in.set_result(None)
+
+    for f in futures:
+        f.add_done_callback(one_in)
+    gone = asyncio.ensure_future(_client_gone(request, all_in)) if request is not None else None
+    timer = loop.call_later(timeout_s, _fail, all_in, _TimedOut())
     try:
-        done, _ = await asyncio.wait({answers} | ({gone} if gone else set()), timeout=timeout_s,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        await all_in
+    except _TimedOut:
+        return None
+    except _ClientGone:
+        raise ApiError(400, "client_disconnected", "client disconnected before the answer") from None
     finally:
+        timer.cancel()
         if gone is not None:
             gone.cancel()
-    if answers in done:
-        return answers.result()
-    # Not cancelled here: the caller's cancel_group cancels the answers, and the gather (with
-    # return_exceptions) then completes quietly instead of logging an unretrieved CancelledError.
-    if gone is not None and gone in done:
-        raise ApiError(400, "client_disconnected", "client disconnected before the answer")
-    return None
+        for f in futures:
+            f.remove_done_callback(one_in)
+    return [_outcome(f) for f in futures]
 
 
-async def _client_gone(request: Any) -> None:
-    """Returns when the client closes the connection. The body has been read already, so the
-    server's next receive() message is the disconnect."""
+def _outcome(f: asyncio.Future) -> Any:
+    """A done future's answer, or its exception (a cancelled one's CancelledError) in its place."""
+    if f.cancelled():
+        return asyncio.CancelledError()
+    return f.exception() or f.result()
+
+
+async def _client_gone(request: Any, all_in: asyncio.Future) -> None:
+    """Fails `all_in` when the client closes the connection. The body has been read already, so
+    the server's next receive() message is the disconnect."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
+            _fail(all_in, _ClientGone())
             return

@@ -112,12 +112,35 @@ def test_request_limits(live):
      "bad_multipart"),  # no boundary
     ({"content": b"--b\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=b"}}, 400,
      "no_images"),
+    ({"files": {"images": ("x.jpg", b"123", "image/jpeg"), "score_threshold": ("s.txt", b"0.5", "text/plain")}},
+     422, "invalid_request"),  # a text field sent as a file
+    ({"files": {"images": ("x.jpg", b"123", "image/jpeg")}, "data": {"classes": "a" * ((1 << 20) + 1)}}, 400,
+     "bad_multipart"),  # a text field over 1 MB
+    ({"files": {"images": ("x.jpg", b"123", "image/jpeg")}, "data": {f"f{i}": "x" for i in range(65)}}, 400,
+     "bad_multipart"),  # over 64 text fields
+    ({"content": b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n",
+      "headers": {"content-type": "multipart/form-data; boundary=b"}}, 400, "bad_multipart"),  # a part with no name
 ])
 def test_malformed_requests(live, kwargs, status, kind):
     with httpx.Client(base_url=live, timeout=60) as c:
         r = c.post("/detect", **kwargs)
     assert r.status_code == status, r.text
     assert r.json()["error"] == kind
+
+
+def test_multipart_names_and_fields_as_clients_send_them(live):
+    """A file with an empty filename is named by its field and index; the last of a repeated text
+    field wins; classes repeat or are comma-separated; a non-UTF-8 filename is read as Latin-1."""
+    body = (b'--b\r\nContent-Disposition: form-data; name="images"; filename=""\r\n\r\n' + jpeg_bytes()
+            + b'\r\n--b\r\nContent-Disposition: form-data; name="image"; filename="caf\xe9.jpg"\r\n\r\n'
+            + jpeg_bytes() + b'\r\n--b\r\nContent-Disposition: form-data; name="max_detections"\r\n\r\n50'
+            + b'\r\n--b\r\nContent-Disposition: form-data; name="max_detections"\r\n\r\n1\r\n--b--\r\n')
+    with httpx.Client(base_url=live, timeout=60) as c:
+        r = c.post("/detect", content=body, headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["image"] for x in results] == ["images[0]", "caf\u00e9.jpg"]
+    assert all(len(x["detections"]) <= 1 for x in results)
 
 
 def test_server_still_serves_after_abuse(live):
