@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader
-from starlette.routing import Match
+from starlette.routing import Match, Route
 
 from server.batcher import MicroBatcher
 from server.engine import Engine, Job
@@ -138,6 +138,16 @@ def create_app(settings: Settings | None = None, *, pipeline: Any = None) -> Fas
         answers = await run_jobs(request.app.state, jobs, request)
         # Encoded here once (orjson), not validated again by FastAPI: DetectResponse's shape.
         return Response(detect_body(engine, answers, t_start), media_type="application/json")
+
+    async def detect_route(request: Request) -> Response:
+        await require_key(request.headers.get("x-api-key"))
+        return await detect(request)
+
+    # POST /detect is served by a plain Starlette route placed before the FastAPI one, which stays
+    # for the OpenAPI document: FastAPI's per-request handler (dependency solving, its exit stack,
+    # telemetry hooks) cost about 0.15 ms of the request for a handler that takes no parameters.
+    # Same errors: ApiError and HTTPException go to the same app-level handlers.
+    app.router.routes.insert(0, Route("/detect", detect_route, methods=["POST"], include_in_schema=False))
 
     @app.get("/health", response_model=Health, summary="Liveness: the process answers")
     async def health() -> Health:

@@ -63,7 +63,7 @@ class BodyDeadline:
             if body_done:  # waiting for a disconnect, say: no deadline once the body is in
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                message = await _within(receive(), deadline)
             except asyncio.TimeoutError:
                 if not started:
                     answered = True
@@ -82,6 +82,16 @@ class BodyDeadline:
             await send(message)
 
         await self.app(scope, guarded_receive, guarded_send)
+
+
+async def _within(awaitable: Any, deadline: float) -> Any:
+    """`awaitable` by the event loop's time `deadline`, else asyncio.TimeoutError. On Python 3.11+
+    asyncio.timeout_at runs it in the calling task; wait_for (3.10) wraps it in a task of its own,
+    one more event-loop turn for every body chunk."""
+    if hasattr(asyncio, "timeout_at"):
+        async with asyncio.timeout_at(deadline):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, max(0.0, deadline - asyncio.get_running_loop().time()))
 
 
 async def _send_408(send: Any, timeout_s: float) -> None:
