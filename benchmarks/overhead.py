@@ -1,11 +1,13 @@
 """Server overhead per 640x480 JPEG, broken down by stage (not a test).
 
     python -m benchmarks.overhead [--model PATH] [--backend torch] [--requests 200] [--json FILE]
+                                  [--against GIT_REF]
 
 Two clients take turns, one image per request, requests one after another (no batching, no
 queueing), against `python -m server` started here: "raw" (http.client on a keep-alive connection,
 the multipart body encoded once: the server's own cost) and "httpx" (what a Python user's client
-adds on top). Per request the server reports its stages in `timing_ms`; the client measures the
+adds on top). With --against REF, before and after instead: the server as of REF (a temporary git
+worktree) and this checkout's, both up, the raw client taking turns between them. Per request the server reports its stages in `timing_ms`; the client measures the
 whole round trip. Printed, medians over the requests:
 
     decode        bytes -> (h, w, 3) uint8                      (server, worker pool)
@@ -22,11 +24,16 @@ Each as median and 10th percentile over the requests (per column, so the rows ne
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -80,39 +87,56 @@ class RawClient:
         self.conn.close()
 
 
-def measure(url: str, photos: list[tuple[str, bytes]], requests: int) -> dict:
-    """Per client ("raw", "httpx"), interleaved request by request so load hits both alike: p50 and
-    p10 of every stage the server reports, the round trip, http+json and overhead."""
-    import httpx
-
-    bodies = [multipart_body(name, data) for name, data in photos]
-    rows: dict[str, list[dict[str, float]]] = {"raw": [], "httpx": []}
-    raw = RawClient(url)
-    with httpx.Client(base_url=url, timeout=120) as c:
-        for i in range(requests + 10):
-            name, data = photos[i % len(photos)]
-            for client in rows:
-                t0 = time.perf_counter()
-                if client == "raw":
-                    timing = raw.post(*bodies[i % len(bodies)])["timing_ms"]
-                else:
-                    r = c.post("/detect", files={"images": (name, data, "image/jpeg")})
-                    r.raise_for_status()
-                    timing = r.json()["timing_ms"]
-                total = (time.perf_counter() - t0) * 1e3
-                if i < 10:  # warm-up: first calls of each path allocate
-                    continue
-                row = {k: float(timing[k]) for k in STAGES}
-                row["round_trip"] = total
-                row["http+json"] = total - sum(row[k] for k in STAGES)
-                row["overhead"] = total - row["inference"]
-                rows[client].append(row)
-    raw.close()
+def measure(posts: dict[str, Callable[[int], dict]], requests: int) -> dict:
+    """posts: label -> post(i) (request i, returns the response's timing_ms), taking turns request by
+    request (in alternating order) so load hits all alike: p50 and p10 of every stage the server
+    reports, the round trip, http+json and overhead, per label."""
+    rows: dict[str, list[dict[str, float]]] = {label: [] for label in posts}
+    order = list(posts)
+    for i in range(requests + 10):
+        for label in order if i % 2 else order[::-1]:
+            t0 = time.perf_counter()
+            timing = posts[label](i)
+            total = (time.perf_counter() - t0) * 1e3
+            if i < 10:  # warm-up: first calls of each path allocate
+                continue
+            row = {k: float(timing[k]) for k in STAGES}
+            row["round_trip"] = total
+            row["http+json"] = total - sum(row[k] for k in STAGES)
+            row["overhead"] = total - row["inference"]
+            rows[label].append(row)
     # Median and 10th percentile: on a shared machine the low percentile is the cost itself, the
     # median adds the neighbours' interference (waits for a core between threads).
-    return {client: {"p50": {k: statistics.median(r[k] for r in rs) for k in rs[0]},
-                     "p10": {k: float(np.percentile([r[k] for r in rs], 10)) for k in rs[0]}}
-            for client, rs in rows.items()} | {"loadavg": os.getloadavg()[0]}
+    return {label: {"p50": {k: statistics.median(r[k] for r in rs) for k in rs[0]},
+                    "p10": {k: float(np.percentile([r[k] for r in rs], 10)) for k in rs[0]}}
+            for label, rs in rows.items()} | {"loadavg": os.getloadavg()[0]}
+
+
+def raw_post(url: str, photos: list[tuple[str, bytes]]) -> tuple[Callable[[int], dict], RawClient]:
+    bodies = [multipart_body(name, data) for name, data in photos]
+    client = RawClient(url)
+    return (lambda i: client.post(*bodies[i % len(bodies)])["timing_ms"]), client
+
+
+def httpx_post(client, photos: list[tuple[str, bytes]]) -> Callable[[int], dict]:
+    def post(i: int) -> dict:
+        name, data = photos[i % len(photos)]
+        r = client.post("/detect", files={"images": (name, data, "image/jpeg")})
+        r.raise_for_status()
+        return r.json()["timing_ms"]
+    return post
+
+
+@contextlib.contextmanager
+def worktree(ref: str):
+    """A temporary git worktree of this repository at `ref` (removed afterwards)."""
+    path = Path(tempfile.mkdtemp(prefix="frcnn-against-")) / "tree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(path), ref], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False)
+        shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,18 +147,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--url")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--against", metavar="GIT_REF", help="before/after: also serve the code as of GIT_REF")
     add_server_options(ap)
     args = ap.parse_args(argv)
 
     photos = photos_640x480(16)
-    with served(args, args.model) as (_, url):
-        res = measure(url, photos, args.requests)
-    print(f"{args.requests} sequential requests per client, one 640x480 JPEG each ({len(photos)} COCO128 "
-          f"photos), ms (load average {res['loadavg']:.1f} on {os.cpu_count()} cores):")
-    print(f"  {'':12s} {'raw p50':>8s} {'raw p10':>8s} {'httpx p50':>10s} {'httpx p10':>10s}")
+    if args.against:
+        with worktree(args.against) as tree, served(args, args.model, cwd=tree) as (_, before_url), \
+                served(args, args.model) as (_, after_url):
+            before, c1 = raw_post(before_url, photos)
+            after, c2 = raw_post(after_url, photos)
+            labels = (f"before {args.against}", "after")
+            res = measure(dict(zip(labels, (before, after), strict=True)), args.requests)
+            c1.close()
+            c2.close()
+    else:
+        import httpx
+
+        with served(args, args.model) as (_, url), httpx.Client(base_url=url, timeout=120) as hc:
+            raw, c = raw_post(url, photos)
+            labels = ("raw", "httpx")
+            res = measure({"raw": raw, "httpx": httpx_post(hc, photos)}, args.requests)
+            c.close()
+    print(f"{args.requests} sequential requests per server/client, one 640x480 JPEG each ({len(photos)} "
+          f"COCO128 photos), ms (load average {res['loadavg']:.1f} on {os.cpu_count()} cores):")
+    print(f"  {'':12s} " + " ".join(f"{label + ' ' + q:>{max(10, len(label) + 4)}s}"
+                                    for label in labels for q in ("p50", "p10")))
     for k in ("decode", "preprocess", "queue", "inference", "postprocess", "http+json", "round_trip", "overhead"):
-        print(f"  {k:12s} {res['raw']['p50'][k]:8.2f} {res['raw']['p10'][k]:8.2f} "
-              f"{res['httpx']['p50'][k]:10.2f} {res['httpx']['p10'][k]:10.2f}")
+        print(f"  {k:12s} " + " ".join(f"{res[label][q][k]:>{max(10, len(label) + 4)}.2f}"
+                                        for label in labels for q in ("p50", "p10")))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     return 0

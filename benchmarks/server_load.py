@@ -107,12 +107,13 @@ def add_server_options(ap: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def served(args: argparse.Namespace, model: Path):
-    """Yields (process or None, url): args.url when given, else a `python -m server` started here."""
+def served(args: argparse.Namespace, model: Path, cwd: Path = ROOT):
+    """Yields (process or None, url): args.url when given, else a `python -m server` started here
+    (from the code in `cwd`: another checkout serves its own version)."""
     if args.url:
         yield None, args.url
         return
-    proc, url = start_server(args, model)
+    proc, url = start_server(args, model, cwd)
     try:
         yield proc, url
     finally:
@@ -120,7 +121,7 @@ def served(args: argparse.Namespace, model: Path):
         proc.wait(120)
 
 
-def start_server(args: argparse.Namespace, model: Path) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace, model: Path, cwd: Path = ROOT) -> tuple[subprocess.Popen, str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -133,7 +134,7 @@ def start_server(args: argparse.Namespace, model: Path) -> tuple[subprocess.Pope
     cmd = [sys.executable, "-m", "server", "--model", str(model), "--backend", args.backend, "--port", str(port),
            "--max-batch-size", str(args.max_batch_size), "--max-delay-ms", str(args.max_delay_ms),
            "--workers", str(args.workers)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env)
     url = f"http://127.0.0.1:{port}"
     import httpx
 
