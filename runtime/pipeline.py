@@ -153,11 +153,15 @@ class Pipeline:
         if len(options) != n:
             raise ValueError(f"{len(options)} option sets for {n} images")
         rh = self.config.roi_heads
-        return postprocess(raw, batch.image_sizes, batch.original_sizes,
-                           score_thresh=[o.score_threshold for o in options], nms_thresh=rh.nms_thresh,
-                           detections_per_img=[o.max_detections for o in options], min_size=rh.min_size,
-                           classes=[None if o.classes is None else torch.tensor(sorted(o.classes), dtype=torch.int64)
-                                    for o in options])
+        # inference_mode: about 0.1 ms less dispatch per call than plain autograd-enabled ops (the
+        # outputs are inference tensors, as the torch backend's raw outputs already are)
+        with torch.inference_mode():
+            return postprocess(raw, batch.image_sizes, batch.original_sizes,
+                               score_thresh=[o.score_threshold for o in options], nms_thresh=rh.nms_thresh,
+                               detections_per_img=[o.max_detections for o in options], min_size=rh.min_size,
+                               classes=[None if o.classes is None else torch.tensor(sorted(o.classes),
+                                                                                   dtype=torch.int64)
+                                        for o in options])
 
     def run(self, items: list[PreparedImage], options: PostOptions | list[PostOptions] | None = None
             ) -> list[Detections]:
