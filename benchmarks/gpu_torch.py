@@ -15,7 +15,6 @@ Needs only torch (>= 2.6), numpy, Pillow, safetensors and this repository: no se
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -30,16 +29,10 @@ COCO = ROOT.parent / "shared" / "data" / "coco128" / "train2017"
 
 
 def r50_checkpoint(out: Path) -> Path:
-    from model.checkpoint import save_checkpoint
-    from model.torchvision_import import class_names_for, load_torchvision, torchvision_config
+    sys.path.insert(0, str(ROOT / "tools"))
+    from parity_weights import save_parity_checkpoint
 
-    spec = importlib.util.spec_from_file_location("parity_weights", ROOT / "tools" / "parity_weights.py")
-    parity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(parity)
-    cfg = torchvision_config("resnet50_fpn", 91, min_size=600, max_size=1000)
-    save_checkpoint(out, load_torchvision(parity.parity_state_dict(), cfg), cfg, class_names_for(91),
-                    provenance={"source": "tools/parity_weights.py"})
-    return out
+    return save_parity_checkpoint(out)
 
 
 def same_size_photos(pipe, n: int) -> list:

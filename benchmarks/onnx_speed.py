@@ -42,14 +42,9 @@ REFVENV_PY = ROOT / ".refvenv" / "bin" / "python"
 
 def parity_checkpoint(out: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tools"))
-    from parity_weights import parity_state_dict, seeded_model
+    from parity_weights import save_parity_checkpoint
 
-    from model.checkpoint import save_checkpoint
-    from model.coco_names import COCO_91
-
-    net = seeded_model()
-    net.load_state_dict(parity_state_dict())
-    return save_checkpoint(out, net, net.config, class_names=list(COCO_91), provenance={"source": "parity_weights"})
+    return save_parity_checkpoint(out)
 
 
 class TorchvisionServer:

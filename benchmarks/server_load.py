@@ -241,22 +241,15 @@ def r50_parity_onnx() -> Path:
     """The converted torchvision R50-FPN with tools/parity_weights.py's stand-in weights, exported to
     ONNX once (about 3 minutes) and cached while the checkpoint and the export code are unchanged:
     real detections, so postprocess costs what it would."""
-    import importlib.util
-
     from export.onnx_export import export_onnx, is_fresh
 
     out, ckpt = CACHE / "r50-parity-600-1000.onnx", CACHE / "r50-parity-ckpt"
     if ckpt.is_dir() and is_fresh(out, ckpt):
         return out
-    from model.checkpoint import save_checkpoint
-    from model.torchvision_import import class_names_for, load_torchvision, torchvision_config
+    sys.path.insert(0, str(ROOT / "tools"))
+    from parity_weights import save_parity_checkpoint
 
-    spec = importlib.util.spec_from_file_location("parity_weights", ROOT / "tools" / "parity_weights.py")
-    parity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(parity)
-    cfg = torchvision_config("resnet50_fpn", 91, min_size=600, max_size=1000)
-    save_checkpoint(ckpt, load_torchvision(parity.parity_state_dict(), cfg), cfg, class_names_for(91),
-                    provenance={"source": "tools/parity_weights.py"})
+    save_parity_checkpoint(ckpt)
     print(f"exporting the R50-FPN stand-in to {out} (once) ...")
     return export_onnx(ckpt, out, verify=False)
 

@@ -93,7 +93,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
         h, w, _, _ = _simplejpeg.decode_jpeg_header(data)
     except ValueError:
         return None
-    return (w, h) if w > 0 and h > 0 else None
+    return w, h
 
 
 def _check_size(w: int, h: int, max_pixels: int | None) -> None:

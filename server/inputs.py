@@ -203,8 +203,8 @@ MAX_FIELD_BYTES = 1 << 20  # one text part
 
 
 class _Form:
-    """A multipart/form-data body read in memory by python-multipart's parser: (name, value) in body
-    order, value `bytes` for a file part (its filename in `filenames`) and `str` for a text part.
+    """A multipart/form-data body read in memory by python-multipart's parser: `parts` in body order,
+    (name, bytes, filename) for a file part and (name, str, None) for a text part.
 
     The body is already in memory (read_body bounded it), so parts are slices of it: no spooled
     temporary files, UploadFile or FormData (Starlette's form() cost about 0.2 ms a request).
@@ -220,8 +220,7 @@ class _Form:
         if not boundary:
             raise ValueError("missing boundary in multipart content type")
         charset = params.get(b"charset", b"utf-8").decode("latin-1")
-        self.items: list[tuple[str, bytes | str]] = []
-        self.filenames: dict[int, str] = {}  # index in items -> filename of a file part
+        self.parts: list[tuple[str, bytes | str, str | None]] = []
         files = fields = size = 0
         header_name, header_value = bytearray(), bytearray()
         disposition = b""
@@ -273,11 +272,7 @@ class _Form:
 
         def on_part_end() -> None:
             value = b"".join(data)
-            if filename is None:
-                self.items.append((name, _decode(value, charset)))
-            else:
-                self.filenames[len(self.items)] = filename
-                self.items.append((name, value))
+            self.parts.append((name, value if filename is not None else _decode(value, charset), filename))
             data.clear()
 
         parser = MultipartParser(boundary, {
@@ -290,17 +285,17 @@ class _Form:
         except FormParserError:
             raise ValueError("invalid multipart data") from None
 
-    def getlist(self, name: str) -> list[tuple[int, bytes | str]]:
-        """(index in items, value) of every part called `name`, in body order."""
-        return [(i, v) for i, (k, v) in enumerate(self.items) if k == name]
+    def getlist(self, name: str) -> list[tuple[bytes | str, str | None]]:
+        """(value, filename or None) of every part called `name`, in body order."""
+        return [(v, f) for k, v, f in self.parts if k == name]
 
     def text(self, name: str) -> str | None:
         """The last text part called `name` (a file there is a 422), or None."""
         values = self.getlist(name)
         if not values:
             return None
-        i, value = values[-1]
-        if i in self.filenames:
+        value, filename = values[-1]
+        if filename is not None:
             raise ApiError(422, "invalid_request", f"form field `{name}` must be text, not a file")
         return value  # type: ignore[return-value]
 
@@ -326,12 +321,12 @@ async def _parse_multipart(request: Request, body: bytes, max_images: int) -> De
         raise ApiError(400, "bad_multipart", f"cannot parse multipart body: {e}") from None
     images: list[tuple[str, bytes]] = []
     for key in ("images", "image"):
-        for n, (i, value) in enumerate(form.getlist(key)):
-            if i not in form.filenames:
+        for n, (value, filename) in enumerate(form.getlist(key)):
+            if filename is None:
                 raise ApiError(422, "not_a_file", f"form field `{key}` must be a file upload", image=f"{key}[{n}]")
-            images.append((form.filenames[i] or f"{key}[{n}]", value))  # type: ignore[arg-type]
+            images.append((filename or f"{key}[{n}]", value))  # type: ignore[arg-type]
     score, top_k = form.text("score_threshold"), form.text("max_detections")
-    classes = [v for i, v in form.getlist("classes") if i not in form.filenames]
+    classes = [v for v, filename in form.getlist("classes") if filename is None]
     return DetectInput(
         images=images,
         score_threshold=strict_float(score, "score_threshold") if score else None,

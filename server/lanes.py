@@ -57,7 +57,7 @@ class DecodeLanes:
         self.on_cancel = on_cancel  # called with the number of tasks dropped before they started
         # One lock, a condition per lane: a submit wakes one thread of its own lane (waking every
         # thread of both lanes cost the event loop about 0.15 ms a request, and woke threads that
-        # had nothing to take); a finished task frees budget for both lanes and wakes both.
+        # had nothing to take); a finished task frees budget and wakes the lanes that have tasks queued.
         self._lock = threading.Lock()
         self._small = _Lane("small", threading.Condition(self._lock))
         self._large = _Lane("large", threading.Condition(self._lock))

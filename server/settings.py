@@ -92,7 +92,7 @@ class Settings(BaseSettings):
 
     @field_validator("cors_origins", "providers", mode="before")
     @classmethod
-    def _split_origins(cls, v: object) -> object:
+    def _split_commas(cls, v: object) -> object:
         if isinstance(v, str):
             v = v.strip()
             if v.startswith("["):

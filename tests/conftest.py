@@ -90,17 +90,10 @@ def r50_parity_checkpoint(tmp_path_factory) -> Path:
 
     if not PARITY.exists():
         pytest.skip("tools/parity_weights.py missing")
-    from model.checkpoint import save_checkpoint
-    from model.torchvision_import import class_names_for, load_torchvision, torchvision_config
-
     spec = importlib.util.spec_from_file_location("parity_weights", PARITY)
     parity = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(parity)
-    cfg = torchvision_config("resnet50_fpn", 91, min_size=600, max_size=1000)
-    net = load_torchvision(parity.parity_state_dict(), cfg)
-    out = tmp_path_factory.mktemp("r50") / "r50-parity"
-    save_checkpoint(out, net, cfg, class_names_for(91), provenance={"source": "tools/parity_weights.py"})
-    return out
+    return parity.save_parity_checkpoint(tmp_path_factory.mktemp("r50") / "r50-parity")
 
 
 @pytest.fixture(scope="session")

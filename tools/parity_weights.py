@@ -80,6 +80,18 @@ def parity_state_dict(arch: str = "resnet50_fpn") -> dict[str, torch.Tensor]:
     return net.state_dict()
 
 
+def save_parity_checkpoint(out: str | Path, arch: str = "resnet50_fpn") -> Path:
+    """The stand-in weights as a user's checkpoint: converted through model.torchvision_import (the
+    path torchvision's published weights take) at 600/1000 with COCO's 91 class names. The R50 that
+    the tests, the server benchmarks and the precision benchmark serve."""
+    from model.checkpoint import save_checkpoint
+    from model.torchvision_import import class_names_for, load_torchvision, torchvision_config
+
+    cfg = torchvision_config(arch, 91, min_size=600, max_size=1000)
+    return save_checkpoint(out, load_torchvision(parity_state_dict(arch), cfg), cfg, class_names_for(91),
+                           provenance={"source": "tools/parity_weights.py"})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="resnet50_fpn", choices=ARCHS)
