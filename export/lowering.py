@@ -90,6 +90,22 @@ def fpn_levels(rois, spatial_scales: Sequence[float], canonical_scale: int, cano
     return op.Cast(op.Sub(level, op.Constant(value_float=float(k_min))), to=7)
 
 
+def locality_order(rois):
+    """Tensor[K] int64: a permutation of the RoI rows by batch index, then by top edge (ascending).
+
+    Only speed depends on it: each RoI is pooled on its own and written back to its own row.
+    onnxruntime's RoiAlign walks the feature planes RoI by RoI, so RoIs in score order (scattered
+    over the image) miss the cache at every RoI; in this order consecutive RoIs reuse its lines
+    (R50-FPN's 1000 RoIs: 157 -> 88 ms, measured). This is the graph's only ascending TopK, and
+    export/tensorrt_ops.tensorrt_ready replaces it with the identity (TensorRT's TopK takes
+    k <= 3840: fewer than a batch of 4 images' RoIs).
+    """
+    key = op.Add(op.Mul(op.Squeeze(_col(rois, 0, 1), _i64([1])), op.Constant(value_float=1.0e6)),
+                 op.Squeeze(_col(rois, 2, 3), _i64([1])))  # batch * 1e6 + y1: images stay apart
+    _, perm = op.TopK(key, op.Shape(key), largest=0, sorted=1)
+    return perm
+
+
 def multiscale_roi_align(
     features: Sequence,
     rois,
@@ -102,8 +118,8 @@ def multiscale_roi_align(
 ):
     """frcnn::multiscale_roi_align -> one RoiAlign per FPN level over that level's RoIs only.
 
-    Each level gathers its RoIs (NonZero + Gather), pools them, and one ScatterND writes the
-    per-level results back in RoI order. Pooling every RoI at every level and selecting with Where
+    Each level gathers its RoIs (NonZero + Gather), pools them, and one Gather puts the per-level
+    results back in RoI order. Pooling every RoI at every level and selecting with Where
     would cost L times the RoiAlign work and more: with adaptive sampling a large RoI pooled from a
     fine level takes ceil(roi / bin)^2 samples per bin.
     Returns Tensor[K, C, oh, ow].
@@ -111,23 +127,25 @@ def multiscale_roi_align(
     if len(features) == 1 or round(math.log2(spatial_scales[0])) == round(math.log2(spatial_scales[-1])):
         # one level, or every level maps to the first (MobileNet's two stride-32 maps)
         return roi_align(features[0], rois, output_size, spatial_scales[0], sampling_ratio, aligned)
-    levels = fpn_levels(rois, spatial_scales, canonical_scale, canonical_level)
-    boxes, batch_indices = _split_rois(rois)
+    perm = locality_order(rois)  # (K,): RoI rows by image, then top edge
+    rois_sorted = op.Gather(rois, perm, axis=0)
+    levels = fpn_levels(rois_sorted, spatial_scales, canonical_scale, canonical_level)
+    boxes, batch_indices = _split_rois(rois_sorted)
     pooled, order = [], []
     for lvl, (feat, scale) in enumerate(zip(features, spatial_scales, strict=True)):
-        idx = op.NonZero(op.Equal(levels, op.Constant(value_int=lvl)))  # (1, K_l)
-        idx = op.Transpose(idx, perm=[1, 0])  # (K_l, 1)
-        lvl_boxes = op.GatherND(boxes, idx)  # (K_l, 4)
-        lvl_batch = op.GatherND(batch_indices, idx)  # (K_l,)
+        pos = op.Squeeze(op.NonZero(op.Equal(levels, op.Constant(value_int=lvl))), _i64([0]))  # (K_l,)
+        lvl_boxes = op.Gather(boxes, pos, axis=0)  # (K_l, 4)
+        lvl_batch = op.Gather(batch_indices, pos, axis=0)  # (K_l,)
         pooled.append(_roi_align_boxes(feat, lvl_boxes, lvl_batch, output_size, scale, sampling_ratio, aligned))
-        order.append(idx)
-    # (K, C, oh, ow) zeros, then every RoI's row written exactly once
-    out_shape = op.Concat(
-        op.Shape(rois, start=0, end=1), op.Shape(features[0], start=1, end=2),
-        _i64([int(output_size[0]), int(output_size[1])]), axis=0,
-    )
-    zeros = op.ConstantOfShape(out_shape)
-    return op.ScatterND(zeros, op.Concat(*order, axis=0), op.Concat(*pooled, axis=0))
+        order.append(op.Gather(perm, pos, axis=0))  # (K_l,): those RoIs' original rows
+    # rows back in RoI order: where = the inverse of the concatenated order (every row exactly
+    # once, so the scatter overwrites all of `rows`), one Gather of the pooled rows. Cheaper than
+    # writing them into a zero (K, C, oh, ow) tensor with ScatterND (R50-FPN int8 on onnxruntime:
+    # ConstantOfShape + ScatterND 19 ms -> Gather 3 ms, measured).
+    rows = op.Concat(*order, axis=0)  # (K,)
+    where = op.ScatterElements(rows, rows, op.Range(op.Constant(value_int=0),
+                                                    op.Squeeze(op.Shape(rows)), op.Constant(value_int=1)))
+    return op.Gather(op.Concat(*pooled, axis=0), where, axis=0)
 
 
 def nms(boxes, scores, iou_threshold: float):

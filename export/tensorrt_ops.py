@@ -120,10 +120,34 @@ def tensorrt_ready(model: onnx.ModelProto) -> onnx.ModelProto:
             inits[names[0]], inits[names[1]] = out.graph.initializer[-2], out.graph.initializer[-1]
             done[key] = names
         node.input[1], node.input[2] = done[key]
+    _identity_locality_order(out.graph)
     used = {i for n in out.graph.node for i in n.input}
     for t in [t for t in out.graph.initializer if t.name not in used]:
         out.graph.initializer.remove(t)
     return out
+
+
+def _identity_locality_order(graph: onnx.GraphProto) -> None:
+    """The RoI locality sort (export/lowering.locality_order: the graph's one ascending TopK over
+    every RoI row, more than TensorRT's k <= 3840 at a batch of 4) -> the identity permutation,
+    Range(0, k). Pooling results are written back to their own rows, so the outputs are the same."""
+    outputs = {o.name for o in graph.output}
+    for node in [n for n in graph.node if n.op_type == "TopK" and _attr(n, "largest", 1) == 0]:
+        values, indices = node.output[0], node.output[1]
+        repl = [
+            onnx.helper.make_node("Squeeze", [node.input[1]], [f"{indices}__k"]),
+            onnx.helper.make_node("Constant", [], [f"{indices}__0"], value=onnx.helper.make_tensor(
+                f"{indices}__0", onnx.TensorProto.INT64, [], [0])),
+            onnx.helper.make_node("Constant", [], [f"{indices}__1"], value=onnx.helper.make_tensor(
+                f"{indices}__1", onnx.TensorProto.INT64, [], [1])),
+            onnx.helper.make_node("Range", [f"{indices}__0", f"{indices}__k", f"{indices}__1"], [indices]),
+        ]
+        if values and (values in outputs or any(values in n.input for n in graph.node)):
+            repl.append(onnx.helper.make_node("Identity", [node.input[0]], [values]))
+        pos = list(graph.node).index(node)
+        graph.node.remove(node)
+        for j, r in enumerate(repl):
+            graph.node.insert(pos + j, r)
 
 
 def _qdq_problems(node: onnx.NodeProto, initializers: dict) -> list[str]:

@@ -15,8 +15,8 @@ ort = pytest.importorskip("onnxruntime")
 Dim = torch.export.Dim
 
 
-def _run_onnx(module: torch.nn.Module, args: tuple, dynamic_shapes=None, feeds: tuple | None = None):
-    """Export `module` with the frcnn lowerings; run it in onnxruntime on `feeds` (default: args)."""
+def _export(module: torch.nn.Module, args: tuple, dynamic_shapes=None) -> onnx.ModelProto:
+    """`module` exported with the frcnn lowerings, checked: standard ops only, TensorRT-parseable."""
     ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
     prog = torch.onnx.export(ep, dynamo=True, custom_translation_table=translation_table(), opset_version=18,
                              verbose=False)
@@ -24,9 +24,17 @@ def _run_onnx(module: torch.nn.Module, args: tuple, dynamic_shapes=None, feeds: 
     assert not [n for n in proto.graph.node if n.domain not in ("", "ai.onnx")], "custom op left in the graph"
     assert [p for p in tensorrt_problems(proto) if not p.startswith("MaxRoiPool")] == []
     onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def _run_proto(proto: onnx.ModelProto, feeds: tuple) -> list[np.ndarray]:
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = args if feeds is None else feeds
     return sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), feeds, strict=True)})
+
+
+def _run_onnx(module: torch.nn.Module, args: tuple, dynamic_shapes=None, feeds: tuple | None = None):
+    """Export `module` with the frcnn lowerings; run it in onnxruntime on `feeds` (default: args)."""
+    return _run_proto(_export(module, args, dynamic_shapes), args if feeds is None else feeds)
 
 
 def _random_boxes(n: int, size: float, g: torch.Generator, max_side: float = 200.0) -> torch.Tensor:
@@ -81,6 +89,30 @@ def test_multiscale_roi_align_matches_eager(scales):
     module = _MultiScale(scales)
     got, = _run_onnx(module, (rois, *feats))
     np.testing.assert_allclose(got, module(rois, *feats).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_multiscale_roi_align_locality_order_changes_nothing_and_tensorrt_form_drops_it():
+    """The RoIs are pooled in image/top-edge order (export/lowering.locality_order: a speed-only
+    ascending TopK) and written back in RoI order; TensorRT's form replaces that sort with the
+    identity. Both give the eager op's rows, bit-equal to each other, at 0, 1 and many RoIs."""
+    from export.tensorrt_ops import tensorrt_ready
+
+    scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    g = torch.Generator().manual_seed(3)
+    feats = tuple(torch.randn(2, 4, int(256 * s), int(320 * s), generator=g) for s in scales)
+    module = _MultiScale(scales)
+    rois = _rois(300, 2, 300.0, g)
+    proto = _export(module, (rois, *feats), ({0: Dim("K")}, (None,) * len(feats)))
+    sorts = [n for n in proto.graph.node if n.op_type == "TopK"]
+    assert len(sorts) == 1 and [a.i for a in sorts[0].attribute if a.name == "largest"] == [0]
+    trt = tensorrt_ready(proto)
+    assert not [n for n in trt.graph.node if n.op_type == "TopK"] and tensorrt_problems(trt) == []
+    for k in (300, 1, 0):
+        sorted_rows, = _run_proto(proto, (rois[:k], *feats))
+        plain_rows, = _run_proto(trt, (rois[:k], *feats))
+        assert sorted_rows.shape == (k, 4, 7, 7)
+        np.testing.assert_array_equal(sorted_rows, plain_rows)
+        np.testing.assert_allclose(sorted_rows, module(rois[:k], *feats).numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_fpn_level_of_canonical_sizes():
