@@ -24,6 +24,7 @@ import onnx
 import torch
 
 from export.lowering import translation_table
+from export.precision import merge_float_heads
 from export.wrappers import NmsGraph, RawGraph, route_rpn_nms
 from runtime import contract
 
@@ -127,6 +128,7 @@ def build_graph(net: torch.nn.Module, cfg, class_names: list[str], *, opset: int
     _optimize(program)
     log.info("torch.export %.1fs, to ONNX %.1fs, optimise %.1fs", t1 - t0, t2 - t1, time.perf_counter() - t2)
     proto = program.model_proto
+    merge_float_heads(proto.graph)  # the RPN's two 1x1 heads: one conv per level
     fixed = {"C": cfg.num_classes}
     _name_dims(proto, list(contract.INPUTS), proto.graph.input, fixed)
     _name_dims(proto, list(outputs), proto.graph.output, fixed)

@@ -40,6 +40,14 @@ def _check_int8(path, *, min_quantized: int):
     assert exact_parts_problems(m) == []  # RoiAlign boxes, NMS, softmax, decoding: fp32 inputs
     q, f = _quantized_layers(m)
     assert len(q) >= min_quantized
+    produced = {o: n for n in m.graph.node for o in n.output}
+    from_dq = [n for n in m.graph.node if n.input and produced.get(n.input[0]) is not None
+               and produced[n.input[0]].op_type == "DequantizeLinear"]
+    # shapes are read from the int8 tensors (no map dequantized for its shape alone), and the ReLUs
+    # after quantized convs are folded into them (no DQ -> ReLU -> Q between two int8 convs; the
+    # quantizer keeps at most one, the RPN conv's on the small P6 map)
+    assert not [n.name for n in from_dq if n.op_type == "Shape"]
+    assert len([n for n in from_dq if n.op_type == "Relu"]) <= 1
     assert not [w for w in q if any(p in w for p in ("cls_logits", "bbox_pred", "box_predictor"))]
     assert [w for w in f if "box_predictor.cls_score" in w] and [w for w in f if "rpn.head.cls_logits" in w]
     # TensorRT's explicit quantization: symmetric int8, and every op parseable
@@ -68,7 +76,7 @@ def _check_fp16(path, fp32_path):
     inits = {i.name: i for i in m.graph.initializer}
     convs = [n for n in m.graph.node if n.op_type == "Conv" and n.input[1] in inits]
     half = [n for n in convs if inits[n.input[1]].data_type == onnx.TensorProto.FLOAT16]
-    assert len(half) >= len(convs) - 10  # all but the RPN's objectness/delta convs (5 levels x 2)
+    assert len(half) >= len(convs) - 5  # all but the RPN's objectness+delta conv (merged; 5 levels)
     # inputs and outputs stay float32 (keep_io_types): the contract does not change
     assert {i.type.tensor_type.elem_type for i in m.graph.input} == {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
     # fp32 kept where it matters: every -inf of the fp32 graph (the padding-anchor mask) is still
@@ -79,6 +87,44 @@ def _check_fp16(path, fp32_path):
 
     assert infs(m) == infs(onnx.load(str(fp32_path)))
     assert tensorrt_problems(m) == []
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_float_heads_reading_one_map_merge_into_one_conv_with_the_same_outputs(bias):
+    """merge_float_heads: two float-kept 1x1 convs on one map become one Conv + Split, the outputs
+    bit-equal; a quantized layer beside them (not in FLOAT_LAYERS) is left alone."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.precision import merge_float_heads
+
+    rng = np.random.default_rng(0)
+    convs, inits = [], []
+    for name, cout in (("rpn.head.cls_logits", 3), ("rpn.head.bbox_pred", 12), ("backbone.conv", 5)):
+        inits.append(numpy_helper.from_array(rng.standard_normal((cout, 16, 1, 1)).astype(np.float32), f"{name}.weight"))
+        ins = ["x", f"{name}.weight"]
+        if bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), f"{name}.bias"))
+            ins.append(f"{name}.bias")
+        convs.append(helper.make_node("Conv", ins, [name], name=name, kernel_shape=[1, 1]))
+    graph = helper.make_graph(convs, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 9, 11])],
+                              [helper.make_tensor_value_info(c.output[0], TensorProto.FLOAT, [1, k, 9, 11])
+                               for c, k in zip(convs, (3, 12, 5), strict=True)],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.standard_normal((1, 16, 9, 11)).astype(np.float32)
+
+    def run(mdl):
+        return ort.InferenceSession(mdl.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+    want = run(model)
+    merged = onnx.ModelProto()
+    merged.CopyFrom(model)
+    assert merge_float_heads(merged.graph) == 1
+    onnx.checker.check_model(merged, full_check=True)
+    assert [n.op_type for n in merged.graph.node] == ["Conv", "Split", "Conv"]
+    assert "rpn.head.cls_logits.weight" not in {i.name for i in merged.graph.initializer}
+    for a, b in zip(run(merged), want, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_tiny_int8_graph_passes_its_gate_and_keeps_exact_parts_float(tiny_int8_onnx):
