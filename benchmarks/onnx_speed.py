@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", default=str(COCO))
     ap.add_argument("--n", type=int, default=6, help="images timed")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ap-checkpoint", default=str(ROOT / "checkpoints" / "demo-tiny-shapes"),
                     help="a checkpoint trained on synthetic shapes: box AP per precision ('' skips)")
     ap.add_argument("--out", help="write the results as JSON")

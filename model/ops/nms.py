@@ -173,11 +173,64 @@ def _batched_nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: 
     # groups, not boxes.
     counts = torch.unique(idxs, return_counts=True)[1]
     order = torch.argsort(idxs, stable=True)
+    parts = torch.split(order, counts.tolist())
+    # groups of at most _PADDED_MAX boxes all at once (padded), larger ones one by one
+    small = counts <= _PADDED_MAX
     kept = [part[_nms_impl(boxes[part], scores[part], iou_threshold, None)]
-            for part in torch.split(order, counts.tolist())]
+            for part, is_small in zip(parts, small.tolist(), strict=True) if not is_small]
+    if bool(small.any()):
+        members = torch.cat([part for part, is_small in zip(parts, small.tolist(), strict=True) if is_small])
+        kept.append(_nms_groups_padded(boxes, scores, idxs, members, counts[small], iou_threshold))
     # index order first, so that score ties come out in index order, as from the masked pass
     keep = torch.sort(torch.cat(kept)).values
     return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+
+
+# groups up to this size run together, padded: G x _PADDED_MAX^2 pairs at most
+_PADDED_MAX = 64
+
+
+def _nms_groups_padded(boxes: Tensor, scores: Tensor, idxs: Tensor, order: Tensor, counts: Tensor,
+                       iou_threshold: float) -> Tensor:
+    """order: the groups' box indices, group after group (sizes `counts`). Their NMS at once:
+    groups padded to (G, M), one (G, M, M) IoU and suppression matrix, the greedy order resolved by
+    _resolve_tile's fixed point over all groups together. A detector's class-wise postprocess is
+    dozens of classes with a few boxes each, one small NMS call per class before (R50-FPN stand-in
+    weights, 3757 boxes in 42 classes: 18 -> 14 ms, measured). Same IoU arithmetic, same kept set."""
+    if not boxes.is_floating_point():
+        boxes = boxes.to(torch.get_default_dtype())
+    elif boxes.dtype in LOW_FLOATS:
+        boxes = boxes.float()  # as _nms_impl
+    g, m = counts.numel(), int(counts.max())
+    # by group, then by decreasing score (stable: ties in index order, as _nms_impl on each group)
+    by_score = torch.sort(scores[order], descending=True, stable=True).indices
+    order = order[by_score][torch.sort(idxs[order][by_score], stable=True).indices]
+    starts = torch.cumsum(counts, 0) - counts
+    group = torch.repeat_interleave(torch.arange(g, device=boxes.device), counts)
+    slot = torch.arange(order.numel(), device=boxes.device) - starts[group]
+    b = boxes[order]
+    cols = torch.zeros((5, g, m), dtype=b.dtype, device=b.device)
+    cols[:4, group, slot] = b.t()
+    cols[4, group, slot] = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    valid = torch.zeros((g, m), dtype=torch.bool, device=b.device)
+    valid[group, slot] = True
+    # _pair_iou's operations in its order, batched over groups: (G, M, M)
+    wh = torch.minimum(cols[2:4, :, :, None], cols[2:4, :, None, :])
+    wh.sub_(torch.maximum(cols[0:2, :, :, None], cols[0:2, :, None, :])).clamp_(min=0)
+    inter = wh[0].mul_(wh[1])
+    iou = inter.div_(torch.add(cols[4, :, :, None], cols[4, :, None, :]).sub_(inter))
+    sup = iou > _threshold_below(iou_threshold, b.dtype, b.device)
+    ar = torch.arange(m, device=b.device)
+    sup &= (ar[:, None] < ar[None, :]) & valid[:, :, None]
+    keep = valid
+    while True:
+        new = valid & ~(sup & keep[:, :, None]).any(1)
+        if torch.equal(new, keep):
+            break
+        keep = new
+    slots = torch.full((g, m), -1, dtype=torch.int64, device=b.device)
+    slots[group, slot] = order
+    return slots[keep]
 
 
 @_batched_nms_op.register_fake
