@@ -2,6 +2,7 @@
 and what precision costs in box AP (fp32 vs fp16 vs int8) on a detector with real ground truth.
 
     python -m benchmarks.onnx_speed [--checkpoint CKPT] [--images DIR] [--n 6] [--threads 2]
+                                    [--repeats 3] [--cold]
                                     [--ap-checkpoint checkpoints/demo-tiny-shapes] [--out results.json]
 
 Speed: the same weights (a checkpoint; default: tools/parity_weights.py's deterministic R50
@@ -12,8 +13,9 @@ does). Variants:
   ort-fp32      the exported graph (export.onnx_export.build_graph) through runtime.Pipeline
   ort-int8      the same graph through export.precision (what `export onnx --precision int8` runs),
                 calibrated on 16 other COCO128 photos
-They run interleaved (image by image, round by round), each keeping its best of --repeats, so load
-from other processes hits them alike. Beside them: the fp32 run's achieved GFLOP/s (the model's
+They run interleaved image by image, each keeping its best of --repeats per image, so load from
+other processes hits them alike; a variant's repeats run back to back (warm, as a server runs its
+model), or with --cold alternating with the other variants on every run. Beside them: the fp32 run's achieved GFLOP/s (the model's
 FLOPs per image, counted by torch's FlopCounterMode at each image's padded size) and this machine's
 fp32 GEMM peak (a torch matmul timed in the same run).
 
@@ -68,13 +70,23 @@ class TorchvisionServer:
         self.proc.wait()
 
 
-def interleaved_times(variants: dict, paths: list[Path], repeats: int) -> dict[str, list[float]]:
-    """variants: name -> fn(path) -> seconds. Per image, every variant runs once per round, rounds
-    repeated, the best kept: load changes on a shared machine hit all variants alike."""
+def interleaved_times(variants: dict, paths: list[Path], repeats: int, *, warm: bool = True
+                      ) -> dict[str, list[float]]:
+    """variants: name -> fn(path) -> seconds; the best of `repeats` per image and variant. Image by
+    image, every variant in turn, so load changes on a shared machine hit all variants alike.
+
+    warm (default): a variant's repeats run back to back, as a server runs its one model: the best
+    is a run whose weights and buffers the previous run left in cache. Not warm: variants alternate
+    on every run, so each run starts after another model evicted the caches (int8 R50-FPN about 7%
+    slower that way, torchvision eager less: measured)."""
     for fn in variants.values():
         fn(paths[0])  # warm-up
     best = {name: [float("inf")] * len(paths) for name in variants}
     for i, p in enumerate(paths):
+        if warm:
+            for name, fn in variants.items():
+                best[name][i] = min(fn(p) for _ in range(repeats))
+            continue
         for _ in range(repeats):
             for name, fn in variants.items():
                 best[name][i] = min(best[name][i], fn(p))
@@ -149,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=6, help="images timed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cold", action="store_true",
+                    help="alternate the variants on every run (each starts with caches another model filled)")
     ap.add_argument("--ap-checkpoint", default=str(ROOT / "checkpoints" / "demo-tiny-shapes"),
                     help="a checkpoint trained on synthetic shapes: box AP per precision ('' skips)")
     ap.add_argument("--out", help="write the results as JSON")
@@ -194,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         results["note"] = "no .refvenv (make refvenv): torchvision not timed"
     variants |= {name: timed(name, p) for name, p in pipes.items()}
     results["images"] = [p.name for p in test_paths]
-    results["s_per_image"] = interleaved_times(variants, test_paths, args.repeats)
+    results["timing"] = "cold (variants alternate every run)" if args.cold else "warm (each variant's repeats back to back)"
+    results["s_per_image"] = interleaved_times(variants, test_paths, args.repeats, warm=not args.cold)
     if tv is not None:
         tv.close()
     mean = {k: sum(v) / len(v) for k, v in results["s_per_image"].items()}
