@@ -89,7 +89,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: BuildOpti
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     model = onnx.load(str(onnx_path), load_external_data=False)
     meta = GraphMetadata.from_props({p.key: p.value for p in model.metadata_props})
-    model = tensorrt_ready(model)  # int32 bias DequantizeLinear folded to float
+    model = tensorrt_ready(model)  # int32 biases folded to float, symmetric int8, no RoI sort
     problems = tensorrt_problems(model)
     if problems:
         raise RuntimeError(f"{onnx_path} uses what the TensorRT ONNX parser cannot take:\n" + "\n".join(problems))

@@ -8,8 +8,9 @@ per-channel scales.
 Source: onnx/onnx-tensorrt, docs/operators.md ("TensorRT 10.15 supports operators in the inclusive
 range of opset 9 to opset 24"), the rows marked "Y". Restrictions from that table that an frcnn
 graph can hit are checked too (ScatterND/ScatterElements reduction, TopK sorted). Not checked here:
-TopK's K < 3840 (K is data dependent in the RPN; pre_nms_top_n_test <= 3000 keeps it true) and
-INMSLayer's TopK box limit (5000 candidates per batch item).
+TopK's K < 3840 (K is data dependent in the RPN; pre_nms_top_n_test <= 3000 keeps it true; the
+RoI locality sort, whose K is every RoI of the batch, is replaced by tensorrt_ready) and INMSLayer's
+TopK box limit (5000 candidates per batch item).
 """
 
 from __future__ import annotations
