@@ -24,15 +24,22 @@ import torch
 
 from model.config import ModelConfig
 from model.postprocess import Detections, RawDetections, postprocess
-from model.transform import ImageBatch, normalize_resize, pad_batch
+from model.transform import ImageBatch, normalize_resize, pad_batch, resized_size
+from runtime import fast_prepare
 from runtime.backends import load_backend
 
 
 @dataclass(frozen=True)
 class PreparedImage:
-    tensor: torch.Tensor  # (3, h', w') float32, normalized and resized, not padded
+    # (3, h', w') float32, normalized and resized; or, from the compiled path, (3, H, W): already
+    # zero-padded to padded_size(image_size) with the image in the top left
+    tensor: torch.Tensor
     image_size: tuple[int, int]  # (h', w')
     original_size: tuple[int, int]  # (h, w)
+
+    def unpadded(self) -> torch.Tensor:
+        """(3, h', w'): the image without any padding (a view)."""
+        return self.tensor[:, : self.image_size[0], : self.image_size[1]]
 
 
 @dataclass(frozen=True)
@@ -115,14 +122,23 @@ class Pipeline:
     # -- the steps --------------------------------------------------------------------------------
 
     def prepare(self, image: np.ndarray | torch.Tensor) -> PreparedImage:
-        """image: (h, w, 3) uint8 RGB array, or a (3, h, w) uint8 / float 0..1 tensor -> PreparedImage."""
+        """image: (h, w, 3) uint8 RGB array, or a (3, h, w) uint8 / float 0..1 tensor -> PreparedImage.
+        An array goes through runtime.fast_prepare's one compiled pass (normalized, resized and
+        padded alone, bit-equal to torch's path) where that is available, else through torch."""
+        t = self.config.transform
         if isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected an (h, w, 3) uint8 RGB array, got {image.shape} {image.dtype}")
+            original = (image.shape[0], image.shape[1])
+            size = resized_size(*original, t.min_size, t.max_size)
+            out = fast_prepare.prepare_padded(image, size, padded_size(size, t.size_divisible, t.pad_past_edge),
+                                              t.image_mean, t.image_std)
+            if out is not None:
+                return PreparedImage(torch.from_numpy(out), size, original)
             image = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)
         with torch.inference_mode():
-            t = normalize_resize(image, self.config.transform)
-        return PreparedImage(t, (t.shape[1], t.shape[2]), (image.shape[1], image.shape[2]))
+            x = normalize_resize(image, t)
+        return PreparedImage(x, (x.shape[1], x.shape[2]), (image.shape[1], image.shape[2]))
 
     def padded_size(self, item: PreparedImage) -> tuple[int, int]:
         """The (H, W) `item` is padded to alone; images batch together only at equal padded size."""
@@ -130,8 +146,15 @@ class Pipeline:
         return padded_size(item.image_size, t.size_divisible, t.pad_past_edge)
 
     def collate(self, items: list[PreparedImage]) -> ImageBatch:
+        """Prepared images -> one zero-padded batch. Images prepared padded to one common size are
+        stacked as they are (a batch of one is a view, no copy); others are padded by pad_batch."""
         t = self.config.transform
-        batch, sizes = pad_batch([p.tensor for p in items], t.size_divisible, t.pad_past_edge)
+        shape = items[0].tensor.shape
+        if all(p.tensor.shape == shape and tuple(shape[1:]) == self.padded_size(p) for p in items):
+            batch = items[0].tensor[None] if len(items) == 1 else torch.stack([p.tensor for p in items])
+            sizes = torch.tensor([p.image_size for p in items], dtype=torch.int64)
+        else:
+            batch, sizes = pad_batch([p.unpadded() for p in items], t.size_divisible, t.pad_past_edge)
         original = torch.tensor([p.original_size for p in items], dtype=torch.int64)
         return ImageBatch(batch, sizes, original)
 

@@ -1,0 +1,88 @@
+"""runtime.fast_prepare (one compiled pass) against its torch twin, model.transform, to the bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import TransformConfig
+from model.transform import normalize_resize, pad_batch, resized_size
+from runtime import fast_prepare
+from runtime.images import load_image
+from runtime.pipeline import padded_size
+
+
+def _torch_padded(img: np.ndarray, cfg: TransformConfig) -> torch.Tensor:
+    x = normalize_resize(torch.from_numpy(img).permute(2, 0, 1), cfg)
+    return pad_batch([x], cfg.size_divisible, cfg.pad_past_edge)[0][0]
+
+
+def _fast(img: np.ndarray, cfg: TransformConfig) -> np.ndarray:
+    size = resized_size(img.shape[0], img.shape[1], cfg.min_size, cfg.max_size)
+    out = fast_prepare.prepare_padded(img, size, padded_size(size, cfg.size_divisible, cfg.pad_past_edge),
+                                      cfg.image_mean, cfg.image_std)
+    assert out is not None
+    return out
+
+
+def test_kernel_is_available_here():
+    """make install brings numba, and this torch build computes bilinear as the kernel does: if
+    either stops being true the server silently falls back to torch's slower path, so say so."""
+    assert fast_prepare.numba is not None
+    assert fast_prepare.available()
+
+
+def test_equals_torch_on_real_photos(shared_data):
+    paths = sorted((shared_data / "coco128" / "train2017").glob("*.jpg"))[:24]
+    assert len(paths) == 24
+    sizes = set()
+    for p in paths:
+        img = load_image(p.read_bytes())
+        sizes.add(img.shape[:2])
+        for cfg in (TransformConfig(), TransformConfig(min_size=320, max_size=512, pad_past_edge=True)):
+            np.testing.assert_array_equal(_fast(img, cfg), _torch_padded(img, cfg).numpy(), err_msg=str(p))
+    assert len(sizes) > 3  # several aspect ratios and sizes, not one
+
+
+@pytest.mark.parametrize("hw", [(100, 5000), (5000, 100), (3000, 2000), (601, 999), (600, 1000), (37, 53),
+                                (1999, 3001), (800, 600)])
+def test_equals_torch_on_edge_sizes(hw):
+    """Strips, identity sizes (600 x 1000 is not resized), strong down- and upscaling, odd sizes."""
+    img = np.random.default_rng(sum(hw)).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    cfg = TransformConfig(image_mean=(0.5, 0.25, 0.125), image_std=(0.3, 0.2, 0.1))
+    np.testing.assert_array_equal(_fast(img, cfg), _torch_padded(img, cfg).numpy())
+
+
+def test_noncontiguous_input_and_padding_zero():
+    base = np.random.default_rng(3).integers(0, 256, (500, 700, 3), dtype=np.uint8)
+    img = base[::-1, ::2]  # a strided view: copied to C order first
+    cfg = TransformConfig()
+    out = _fast(img, cfg)
+    np.testing.assert_array_equal(out, _torch_padded(np.ascontiguousarray(img), cfg).numpy())
+    h, w = resized_size(*img.shape[:2], cfg.min_size, cfg.max_size)
+    assert out.shape[1] > h and not out[:, h:].any() and not out[:, :, w:].any()
+
+
+def test_taps_match_interpolate_on_a_ramp():
+    """Each output is w0 x[i0] + w1 x[i1]: on x = index, the taps give torch's coordinates."""
+    for n_in, n_out in ((480, 600), (1600, 800), (7, 3)):
+        x = torch.arange(n_in, dtype=torch.float32)[None, None, None]
+        ref = torch.nn.functional.interpolate(x, size=(1, n_out), mode="bilinear", align_corners=False)[0, 0, 0]
+        i0, i1, w0, w1 = fast_prepare.taps(n_in, n_out)
+        got = w0 * i0.astype(np.float32) + w1 * i1.astype(np.float32)
+        np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=1e-4)
+
+
+def test_small_outputs_stay_on_torch():
+    """Under MIN_PIXELS torch rounds differently (see the module): no compiled answer there, and the
+    pipeline's prepare gives torch's values."""
+    from model.config import ModelConfig
+    from runtime.pipeline import Pipeline
+
+    img = np.random.default_rng(5).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    assert fast_prepare.prepare_padded(img, (40, 60), (64, 64), (0.5,) * 3, (0.2,) * 3) is None
+    cfg = ModelConfig(transform=TransformConfig(min_size=40, max_size=80))
+    pipe = Pipeline(backend=None, config=cfg, class_names=["bg"], model_name="t")
+    p = pipe.prepare(img)
+    np.testing.assert_array_equal(pipe.collate([p]).images[0].numpy(), _torch_padded(img, cfg.transform).numpy())
