@@ -148,17 +148,21 @@ class DecodeLanes:
                     continue
                 self._in_flight += task.cost
                 lane.running += 1
+            error: BaseException | None = None
             try:
                 result = task.fn(task.arg)
             except BaseException as e:  # noqa: BLE001 - handed to the owner, like an executor
-                task.future.set_exception(e)
+                error = e
+            with self._lock:
+                self._in_flight -= task.cost
+                lane.running -= 1
+                # pixels freed: a queued task of either lane may fit now
+                for other in (self._small, self._large):
+                    if other.groups:
+                        other.ready.notify_all()
+            # The future's callbacks run here, in this thread, after the budget is released: the
+            # batcher may run the image's backend call from one (its direct path)
+            if error is not None:
+                task.future.set_exception(error)
             else:
                 task.future.set_result(result)
-            finally:
-                with self._lock:
-                    self._in_flight -= task.cost
-                    lane.running -= 1
-                    # pixels freed: a queued task of either lane may fit now
-                    for other in (self._small, self._large):
-                        if other.groups:
-                            other.ready.notify_all()

@@ -372,3 +372,58 @@ def test_a_lone_size_waits_max_delay_not_for_company_that_never_comes():
 
     assert _run(main()) == ["a1", "b1", "b2"]
     assert sorted((s.key, s.size) for s in stats) == [("a", 1), ("b", 2)]
+
+
+def test_lone_image_on_an_idle_batcher_runs_in_its_decode_thread():
+    """The direct path: nothing else in flight, so the decode thread runs the batch of one itself
+    (one hand-off back to the loop); stats, depth and the slot count stay as for a dispatched batch."""
+    threads: list[str] = []
+    stats: list[BatchStats] = []
+
+    def handle(items):
+        threads.append(threading.current_thread().name)
+        return _square_all(items)
+
+    async def main():
+        b = MicroBatcher(prepare=lambda x: x, handle=handle, max_batch_size=4, max_delay_s=0.5,
+                         workers=2, on_batch=stats.append)
+        await b.start()
+        out = [await b.submit_nowait(i) for i in (3, 4)]  # one after another: each alone
+        bad = await asyncio.gather(b.submit_nowait(-1), return_exceptions=True)
+        depth, slots = b.depth, b._free_slots
+        await b.stop()
+        return out, bad, depth, slots
+
+    out, bad, depth, slots = _run(main())
+    assert out == [9, 16] and isinstance(bad[0], ValueError)
+    assert len(threads) == 3 and all(t.startswith("decode-small") for t in threads)
+    assert [s.size for s in stats] == [1, 1, 1] and depth == 0 and slots == 1
+
+
+def test_direct_path_is_not_taken_with_one_decode_thread_or_under_load():
+    """With one decode thread the backend call would block the next image's decode; with company
+    in flight the dispatcher batches as before."""
+    threads: list[str] = []
+    gate = threading.Event()
+
+    def handle(items):
+        threads.append(threading.current_thread().name)
+        gate.wait(5)
+        return _square_all(items)
+
+    async def main(workers: int, n: int):
+        b = MicroBatcher(prepare=lambda x: x, handle=handle, max_batch_size=4, max_delay_s=0.05,
+                         workers=workers)
+        await b.start()
+        futs = [b.submit_nowait(i) for i in range(n)]
+        gate.set()
+        out = await asyncio.gather(*futs)
+        await b.stop()
+        return out
+
+    assert _run(main(1, 1)) == [0]
+    assert threads == ["infer_0"]
+    threads.clear()
+    gate.clear()
+    assert _run(main(2, 6)) == [i * i for i in range(6)]
+    assert "infer_0" in threads  # the items decoded beside others went through the dispatcher
