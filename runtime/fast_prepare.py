@@ -62,39 +62,61 @@ if numba is not None:
 
         return sig, codegen
 
+    @njit(nogil=True, inline="always")
+    def _width_pass(img, lut, y, c0, c1, l0, l1, row, dst):  # pragma: no cover - compiled
+        """dst (3, w') = source row y normalized (row: (3, w) scratch) and interpolated along the width."""
+        w = img.shape[1]
+        for x in range(w):
+            for c in range(3):
+                row[c, x] = lut[c, img[y, x, c]]
+        for c in range(3):
+            rc = row[c]
+            for x in range(c0.shape[0]):
+                dst[c, x] = _fma(rc[c0[x]], l0[x], rc[c1[x]] * l1[x])
+
     @njit(parallel=True, nogil=True, cache=False)
-    def _resize_normalize(img, lut, r0, r1, m0, m1, c0, c1, l0, l1, tmp, out):  # pragma: no cover - compiled
+    def _resize_normalize(img, lut, r0, r1, m0, m1, c0, c1, l0, l1, out, blocks):  # pragma: no cover - compiled
         """img (h, w, 3) uint8, lut (3, 256) float32, row taps r0, r1 (h',) with weights m0, m1,
-        column taps c0, c1 (w',) with weights l0, l1; tmp (3, h, w') scratch; out (3, H, W) float32
-        written whole: the image in [:, :h', :w'], zeros elsewhere."""
-        h, w = img.shape[0], img.shape[1]
+        column taps c0, c1 (w',) with weights l0, l1; out (3, H, W) float32 written whole: the
+        image in [:, :h', :w'], zeros elsewhere. One parallel region of `blocks` bands of output
+        rows; each band interpolates along the width only the source rows its rows use (two
+        cached, as the taps only move down), so a downscale skips the rows between."""
+        w = img.shape[1]
         ow = c0.shape[0]
         oh = r0.shape[0]
-        C, H, W = out.shape
-        for y in prange(h):  # along the width, every source row once
+        H, W = out.shape[1], out.shape[2]
+        for band in prange(blocks):
+            y0 = band * H // blocks
+            y1 = (band + 1) * H // blocks
             row = np.empty((3, w), np.float32)
-            for x in range(w):
+            rows = np.empty((2, 3, ow), np.float32)
+            ids = np.full(2, -1, np.int64)
+            for y in range(y0, y1):
+                if y >= oh:
+                    for c in range(3):
+                        for x in range(W):
+                            out[c, y, x] = 0.0
+                    continue
+                a = r0[y]
+                b = r1[y]
+                for need in (a, b):
+                    if ids[0] != need and ids[1] != need:
+                        k = 0 if ids[1] == a or ids[1] == b else 1  # keep the other needed row
+                        if ids[k] == a or ids[k] == b:
+                            k = 1 - k
+                        _width_pass(img, lut, need, c0, c1, l0, l1, row, rows[k])
+                        ids[k] = need
+                ka = 0 if ids[0] == a else 1
+                kb = 0 if ids[0] == b else 1
+                wa = m0[y]
+                wb = m1[y]
                 for c in range(3):
-                    row[c, x] = lut[c, img[y, x, c]]
-            for c in range(3):
-                rc = row[c]
-                for x in range(ow):
-                    tmp[c, y, x] = _fma(rc[c0[x]], l0[x], rc[c1[x]] * l1[x])
-        for k in prange(C * H):  # along the height, and the padding
-            c = k // H
-            y = k - c * H
-            if y >= oh:
-                for x in range(W):
-                    out[c, y, x] = 0.0
-                continue
-            a = r0[y]
-            b = r1[y]
-            wa = m0[y]
-            wb = m1[y]
-            for x in range(ow):
-                out[c, y, x] = _fma(tmp[c, a, x], wa, tmp[c, b, x] * wb)
-            for x in range(ow, W):
-                out[c, y, x] = 0.0
+                    ta = rows[ka, c]
+                    tb = rows[kb, c]
+                    for x in range(ow):
+                        out[c, y, x] = _fma(ta[x], wa, tb[x] * wb)
+                    for x in range(ow, W):
+                        out[c, y, x] = 0.0
 
 _LOCK = threading.Lock()
 # beyond a few threads the pass is bound by memory and waking threads costs more than it saves
@@ -136,10 +158,9 @@ def _run(img: np.ndarray, size: tuple[int, int], padded: tuple[int, int], mean: 
          std: tuple[float, ...]) -> np.ndarray:
     h, w = img.shape[:2]
     out = np.empty((3, *padded), np.float32)
-    tmp = np.empty((3, h, size[1]), np.float32)
     with _LOCK:
         numba.set_num_threads(_THREADS)  # per calling thread in numba
-        _resize_normalize(img, _lut(mean, std), *taps(h, size[0]), *taps(w, size[1]), tmp, out)
+        _resize_normalize(img, _lut(mean, std), *taps(h, size[0]), *taps(w, size[1]), out, _THREADS)
     return out
 
 
