@@ -27,6 +27,7 @@ kept set would depend on the dtype. Under torch.autocast the op itself runs in f
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -45,14 +46,17 @@ _TILE = 96  # (2, T, T) IoU temporaries: 18432 elements
 _CROSS_BLOCK = 16000  # kept x rest pairs per block: (2, k, r) temporaries < 32768 elements
 
 
-def _threshold_below(iou_threshold: float, dtype: torch.dtype, device) -> Tensor:
+@functools.lru_cache(maxsize=64)
+def _threshold_below(iou_threshold: float, dtype: torch.dtype) -> float:
     """Largest `dtype` value t with t <= iou_threshold, so `iou > t` (in dtype) is the same test
-    as torchvision's `float(iou) > double(iou_threshold)`."""
+    as torchvision's `float(iou) > double(iou_threshold)`. A Python float holding that value
+    exactly: compared with a `dtype` tensor it converts back without rounding (and, cached, costs
+    none of the four small tensor ops that computing it takes, per NMS call)."""
     exact = torch.tensor(iou_threshold, dtype=torch.float64)
     t = exact.to(dtype)
     if t.double() > exact:
         t = torch.nextafter(t, torch.tensor(float("-inf"), dtype=dtype))
-    return t.to(device)
+    return float(t)
 
 
 def _pair_iou(a: Tensor, b: Tensor, work: Tensor | None = None) -> Tensor:
@@ -90,7 +94,7 @@ def _greedy_keep(sup: Tensor, alive: Tensor) -> Tensor:
 
 
 def _suppressed_by(kept: Tensor, kept_cls: Tensor | None, rest: Tensor, rest_cls: Tensor | None,
-                   thr: Tensor, work: Tensor) -> Tensor:
+                   thr: float, work: Tensor) -> Tensor:
     """(5, k), (5, R) -> (R,) bool: rest boxes overlapping any kept box (of the same class)."""
     out = torch.zeros(rest.shape[1], dtype=torch.bool, device=rest.device)
     step = max(1, _CROSS_BLOCK // max(1, kept.shape[1]))
@@ -102,7 +106,7 @@ def _suppressed_by(kept: Tensor, kept_cls: Tensor | None, rest: Tensor, rest_cls
     return out
 
 
-def _resolve_tile(tile: Tensor, cls: Tensor | None, thr: Tensor, work: Tensor) -> Tensor:
+def _resolve_tile(tile: Tensor, cls: Tensor | None, thr: float, work: Tensor) -> Tensor:
     """(5, T) score-sorted boxes -> (T,) bool keep, exactly the greedy result within the tile."""
     sup = _pair_iou(tile, tile, work) > thr  # (T, T)
     if cls is not None:
@@ -133,7 +137,7 @@ def _nms_impl(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor 
     # (5, N) rows x1, y1, x2, y2, area: each row contiguous for the broadcasts in _pair_iou
     cols = torch.cat([b.t(), ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[None]]).contiguous()
     cls = idxs.index_select(0, order) if idxs is not None else None
-    thr = _threshold_below(iou_threshold, cols.dtype, cols.device)
+    thr = _threshold_below(float(iou_threshold), cols.dtype)
 
     # temporaries of the largest IoU block, (tile x tile) or (kept x rest), reused by every block
     work = cols.new_empty(4 * max(_TILE * _TILE, _CROSS_BLOCK))
@@ -224,7 +228,7 @@ def _nms_groups_padded(boxes: Tensor, scores: Tensor, idxs: Tensor, order: Tenso
     cols[4, group, slot] = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     valid = torch.zeros((g, m), dtype=torch.bool, device=b.device)
     valid[group, slot] = True
-    sup = _pair_iou(cols, cols) > _threshold_below(iou_threshold, b.dtype, b.device)  # (G, M, M)
+    sup = _pair_iou(cols, cols) > _threshold_below(float(iou_threshold), b.dtype)  # (G, M, M)
     ar = torch.arange(m, device=b.device)
     sup &= (ar[:, None] < ar[None, :]) & valid[:, :, None]
     keep = _greedy_keep(sup, valid)
