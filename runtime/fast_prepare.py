@@ -28,100 +28,20 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-try:  # optional (server extra); torch's path serves without it
-    import numba
-    from numba import njit, prange, types
-    from numba.extending import intrinsic
-except ImportError:  # pragma: no cover - exercised where numba is not installed
-    numba = None
-
 __all__ = ["MIN_PIXELS", "available", "prepare_padded", "taps"]
 
 MIN_PIXELS = 16384  # h' * w' below this: torch's path (4x the largest output seen to differ)
 
-if numba is not None:
-    # The workqueue layer has no spinning threads to steal cores from the backend and needs no
-    # libgomp/TBB on the host; it must not be entered by two threads at once, hence _LOCK.
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "workqueue"
-
-    @intrinsic
-    def _fma(typingctx, a, b, c):
-        """a * b + c rounded once (llvm.fma), as torch's vectorized CPU kernels compute it."""
-        sig = types.float32(types.float32, types.float32, types.float32)
-
-        def codegen(context, builder, signature, args):
-            return builder.fma(*args)
-
-        return sig, codegen
-
-    @njit(nogil=True, inline="always")
-    def _width_pass(img, lut, y, c0, c1, l0, l1, row, dst):  # pragma: no cover - compiled
-        """dst (3, w') = source row y normalized (row: (3, w) scratch) and interpolated along the width."""
-        w = img.shape[1]
-        for x in range(w):
-            for c in range(3):
-                row[c, x] = lut[c, img[y, x, c]]
-        for c in range(3):
-            rc = row[c]
-            for x in range(c0.shape[0]):
-                dst[c, x] = _fma(rc[c0[x]], l0[x], rc[c1[x]] * l1[x])
-
-    @njit(parallel=True, nogil=True, cache=False)
-    def _resize_normalize(img, lut, r0, r1, m0, m1, c0, c1, l0, l1, out, blocks):  # pragma: no cover - compiled
-        """img (h, w, 3) uint8, lut (3, 256) float32, row taps r0, r1 (h',) with weights m0, m1,
-        column taps c0, c1 (w',) with weights l0, l1; out (3, H, W) float32 written whole: the
-        image in [:, :h', :w'], zeros elsewhere. One parallel region of `blocks` bands of output
-        rows; each band interpolates along the width only the source rows its rows use (two
-        cached, as the taps only move down), so a downscale skips the rows between."""
-        w = img.shape[1]
-        ow = c0.shape[0]
-        oh = r0.shape[0]
-        H, W = out.shape[1], out.shape[2]
-        for band in prange(blocks):
-            y0 = band * H // blocks
-            y1 = (band + 1) * H // blocks
-            row = np.empty((3, w), np.float32)
-            rows = np.empty((2, 3, ow), np.float32)
-            ids = np.full(2, -1, np.int64)
-            for y in range(y0, y1):
-                if y >= oh:
-                    for c in range(3):
-                        for x in range(W):
-                            out[c, y, x] = 0.0
-                    continue
-                a = r0[y]
-                b = r1[y]
-                for need in (a, b):
-                    if ids[0] != need and ids[1] != need:
-                        k = 0 if ids[1] == a or ids[1] == b else 1  # keep the other needed row
-                        if ids[k] == a or ids[k] == b:
-                            k = 1 - k
-                        _width_pass(img, lut, need, c0, c1, l0, l1, row, rows[k])
-                        ids[k] = need
-                ka = 0 if ids[0] == a else 1
-                kb = 0 if ids[0] == b else 1
-                wa = m0[y]
-                wb = m1[y]
-                for c in range(3):
-                    ta = rows[ka, c]
-                    tb = rows[kb, c]
-                    for x in range(ow):
-                        out[c, y, x] = _fma(ta[x], wa, tb[x] * wb)
-                    for x in range(ow, W):
-                        out[c, y, x] = 0.0
-
 _LOCK = threading.Lock()
-# beyond a few threads the pass is bound by memory and waking threads costs more than it saves
-_THREADS = min(4, numba.config.NUMBA_NUM_THREADS) if numba is not None else 1
+_kernel = None  # runtime._prepare_kernel, once available() found it equal to torch's
 _checked: bool | None = None  # None: not yet checked; then whether the kernel equals torch's
+_threads = 1
 
 
 @functools.lru_cache(maxsize=512)
@@ -131,6 +51,7 @@ def taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     if n_in == n_out:  # torch copies
         i = np.arange(n_out, dtype=np.int64)
         return i, i, np.ones(n_out, np.float32), np.zeros(n_out, np.float32)
+    # (shared by every caller through the cache: read, never written)
     scale = np.float32(n_in) / np.float32(n_out)
     dst = np.arange(n_out, dtype=np.float32) + np.float32(0.5)
     # fma(scale, dst, -0.5) in float32: the float64 product of two float32 values is exact and so
@@ -141,8 +62,6 @@ def taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     i1 = np.minimum(i0 + 1, n_in - 1)
     w1 = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1)).astype(np.float32)
     w0 = np.float32(1) - w1
-    for a in (i0, i1, w0, w1):
-        a.setflags(write=False)
     return i0, i1, w0, w1
 
 
@@ -159,8 +78,8 @@ def _run(img: np.ndarray, size: tuple[int, int], padded: tuple[int, int], mean: 
     h, w = img.shape[:2]
     out = np.empty((3, *padded), np.float32)
     with _LOCK:
-        numba.set_num_threads(_THREADS)  # per calling thread in numba
-        _resize_normalize(img, _lut(mean, std), *taps(h, size[0]), *taps(w, size[1]), out, _THREADS)
+        _kernel.numba.set_num_threads(_threads)  # per calling thread in numba
+        _kernel.resize_normalize(img, _lut(mean, std), *taps(h, size[0]), *taps(w, size[1]), out, _threads)
     return out
 
 
@@ -179,10 +98,26 @@ def _torch_twin(img: np.ndarray, size: tuple[int, int], padded: tuple[int, int],
 
 def available() -> bool:
     """numba is installed and its kernel equals torch's on the probe images (checked once)."""
-    global _checked
+    global _checked, _kernel, _threads
+    with _LOCK:
+        if _checked is None:
+            try:
+                from runtime import _prepare_kernel as kernel
+            except ImportError:  # numba not installed (it is in the server extra)
+                _checked = False
+                return False
+            except Exception as e:  # a numba that cannot compile here: torch's path is always right
+                log.warning("fast preprocessing unavailable (%s: %s): using torch's", type(e).__name__, e)
+                _checked = False
+                return False
+            _kernel = kernel
+            # beyond a few threads the pass is bound by memory and waking threads costs more than it saves
+            _threads = min(4, kernel.numba.config.NUMBA_NUM_THREADS)
     if _checked is None:
-        _checked = numba is not None and _self_check()
-    return _checked
+        ok = _self_check()
+        with _LOCK:
+            _checked = ok
+    return bool(_checked)
 
 
 def _self_check() -> bool:
@@ -210,4 +145,6 @@ def prepare_padded(img: np.ndarray, size: tuple[int, int], padded: tuple[int, in
     kernel is unavailable or does not equal torch's here, or the output is under MIN_PIXELS."""
     if size[0] * size[1] < MIN_PIXELS or not available():
         return None
-    return _run(np.ascontiguousarray(img), size, padded, tuple(mean), tuple(std))
+    if not (img.flags.c_contiguous and img.flags.writeable):  # the one signature compiled: C, writable
+        img = np.array(img, order="C")
+    return _run(img, size, padded, tuple(mean), tuple(std))

@@ -1,0 +1,98 @@
+"""The numba kernel of runtime.fast_prepare (imported by it on first use only: numba's import and
+compile stay off every path that never prepares an array). See fast_prepare for what it computes
+and why it equals torch's preprocessing to the bit.
+
+Shape shorthand: h, w the decoded image; h', w' its resized size; H, W the padded size.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+# The workqueue layer has no spinning threads to steal cores from the backend and needs no
+# libgomp/TBB on the host; it must not be entered by two threads at once (fast_prepare's lock).
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a * b + c rounded once (llvm.fma), as torch's vectorized CPU kernels compute it."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return sig, codegen
+
+_u8_3d = types.Array(types.uint8, 3, "C")
+_f32_1d, _f32_2d, _f32_3d = (types.Array(types.float32, n, "C") for n in (1, 2, 3))
+_i64_1d = types.Array(types.int64, 1, "C")
+
+def _compile(sig, **kw):
+    """njit for one explicit signature (compiled once, at first use), cached on disk where numba
+    finds a writable place (about 3 s of LLVM otherwise, in every new process)."""
+    def wrap(fn):
+        try:
+            return njit(sig, nogil=True, cache=True, **kw)(fn)
+        except RuntimeError:  # no writable cache location (a read-only install): compile each start
+            return njit(sig, nogil=True, **kw)(fn)
+    return wrap
+
+@_compile(types.void(_u8_3d, _f32_2d, types.int64, _i64_1d, _i64_1d, _f32_1d, _f32_1d, _f32_2d, _f32_2d))
+def _width_pass(img, lut, y, c0, c1, l0, l1, row, dst):  # pragma: no cover - compiled
+    """dst (3, w') = source row y normalized (row: (3, w) scratch) and interpolated along the width."""
+    w = img.shape[1]
+    for x in range(w):
+        for c in range(3):
+            row[c, x] = lut[c, img[y, x, c]]
+    for c in range(3):
+        for x in range(c0.shape[0]):
+            dst[c, x] = _fma(row[c, c0[x]], l0[x], row[c, c1[x]] * l1[x])
+
+@_compile(types.void(_u8_3d, _f32_2d, _i64_1d, _i64_1d, _f32_1d, _f32_1d, _i64_1d, _i64_1d, _f32_1d,
+                     _f32_1d, _f32_3d, types.int64), parallel=True)
+def resize_normalize(img, lut, r0, r1, m0, m1, c0, c1, l0, l1, out, blocks):  # pragma: no cover - compiled
+    """img (h, w, 3) uint8, lut (3, 256) float32, row taps r0, r1 (h',) with weights m0, m1,
+    column taps c0, c1 (w',) with weights l0, l1; out (3, H, W) float32 written whole: the
+    image in [:, :h', :w'], zeros elsewhere. One parallel region of `blocks` bands of output
+    rows; each band interpolates along the width only the source rows its rows use (two kept
+    in `rows`, slot k holding source row ids[k]; the taps only move down), so a downscale
+    skips the rows between."""
+    w = img.shape[1]
+    ow = c0.shape[0]
+    oh = r0.shape[0]
+    H = out.shape[1]
+    for band in prange(blocks):
+        y0 = band * H // blocks
+        y1 = (band + 1) * H // blocks
+        row = np.empty((3, w), np.float32)
+        rows = np.empty((2, 3, ow), np.float32)
+        ids = np.full(2, -1, np.int64)
+        for y in range(y0, y1):
+            if y >= oh:
+                out[:, y, :] = 0.0
+                continue
+            a = r0[y]
+            b = r1[y]
+            if ids[0] != a and ids[1] != a:  # row a into the slot that does not hold b
+                k = 0 if ids[0] != b else 1
+                _width_pass(img, lut, a, c0, c1, l0, l1, row, rows[k])
+                ids[k] = a
+            if ids[0] != b and ids[1] != b:  # row b into the slot that does not hold a
+                k = 0 if ids[0] != a else 1
+                _width_pass(img, lut, b, c0, c1, l0, l1, row, rows[k])
+                ids[k] = b
+            ka = 0 if ids[0] == a else 1
+            kb = 0 if ids[0] == b else 1
+            wa = m0[y]
+            wb = m1[y]
+            for c in range(3):
+                for x in range(ow):
+                    out[c, y, x] = _fma(rows[ka, c, x], wa, rows[kb, c, x] * wb)
+                out[c, y, ow:] = 0.0
+
