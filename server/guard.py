@@ -9,7 +9,8 @@ refuses with a text/plain 503 after counting connections and tasks together, so:
                         first byte (or of the connection) else 408 and close; at most
                         `max_header_bytes` of them (431); past `max_connections` open connections
                         a JSON 503 with Retry-After, then close; unparsable HTTP a JSON 400
-                        (uvicorn's is text/plain).
+                        (uvicorn's is text/plain); each response's headers leave with its
+                        body, in one write (HeldHeaders).
     uvicorn_options()   the uvicorn.Config keywords that wire these from Settings (python -m server
                         and the tests use the same ones).
 
@@ -111,6 +112,41 @@ async def _refuse_connection(scope: dict, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+class HeldHeaders:
+    """A response cycle's view of its connection's transport: the status line and headers of the
+    response are held and go out with its first body write, one segment. uvicorn writes them
+    separately, so the client woke twice per response (once for the headers, once for the body).
+    Writes before the response starts (100 Continue) pass at once; a response that ends without a
+    body write (HEAD, 204) is flushed when it completes (`flush`, from on_response_complete) or
+    when its connection is closed."""
+
+    def __init__(self, transport: Any, cycle: Any) -> None:
+        self._transport, self._cycle = transport, cycle
+        self._held: bytes | None = None
+        self._holding_done = False  # the header block was seen: everything else passes
+
+    def write(self, data: bytes) -> None:
+        if not self._holding_done and self._cycle.response_started:
+            self._holding_done = True
+            self._held = bytes(data)
+            return
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._held is not None:
+            data, self._held = self._held, None
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:  # is_closing, get_extra_info, ...
+        return getattr(self._transport, name)
+
+
 def guarded_protocol(*, header_timeout_s: float, max_header_bytes: int, max_connections: int) -> type:
     """uvicorn's HttpToolsProtocol with header deadline, header size limit and connection cap."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -160,6 +196,13 @@ def guarded_protocol(*, header_timeout_s: float, max_header_bytes: int, max_conn
             if self._refused:
                 self.app = _refuse_connection  # this connection's app only
             super().on_headers_complete()
+            if self.cycle is not None:
+                self.cycle.transport = HeldHeaders(self.transport, self.cycle)
+
+        def on_response_complete(self) -> None:
+            if self.cycle is not None and isinstance(self.cycle.transport, HeldHeaders):
+                self.cycle.transport.flush()
+            super().on_response_complete()
 
         def on_message_complete(self) -> None:
             super().on_message_complete()

@@ -330,3 +330,79 @@ def test_metrics_labels_are_bounded(guarded):
     assert methods <= {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other"}, methods
     assert 'method="other",route="/detect",status="405"' in text
     assert 'route="/docs"' in text and 'route="/openapi.json"' in text and 'route="unmatched",status="404"' in text
+
+
+# -- one write per response (guard.HeldHeaders) ----------------------------------------------------
+
+class _Transport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+class _Cycle:
+    response_started = False
+
+
+@pytest.mark.parametrize("ending", ["body", "no_body", "close"])
+def test_held_headers_leave_with_the_first_body_write(ending):
+    from server.guard import HeldHeaders
+
+    t, cycle = _Transport(), _Cycle()
+    w = HeldHeaders(t, cycle)
+    w.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # before the response: at once
+    assert t.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    cycle.response_started = True
+    w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+    assert len(t.writes) == 1  # held
+    if ending == "body":
+        w.write(b"{}")
+        w.flush()
+        assert t.writes[1:] == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+    elif ending == "no_body":  # HEAD, 204: flushed when the response completes
+        w.flush()
+        w.flush()
+        assert t.writes[1:] == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"]
+    else:
+        w.close()
+        assert t.closed and t.writes[1:] == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"]
+    assert w.is_closing() is t.closed
+
+
+def test_head_100_continue_and_keep_alive_through_the_real_server(guarded):
+    """Responses without a body write (HEAD: here the 405 of a GET-only route, headers only) still
+    leave; Expect: 100-continue gets its interim answer before the body is sent; requests after
+    them on the same connection get whole responses."""
+    _, addr = guarded
+    s = _connect(addr)
+    s.sendall(b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = s.recv(65536)
+    assert head.startswith(b"HTTP/1.1 405") and head.endswith(b"\r\n\r\n") and b"content-length: " in head, head
+    boundary = "b0undary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n").encode() + JPEG + f"\r\n--{boundary}--\r\n".encode()
+    s.sendall(f"POST /detect HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {len(body)}\r\n"
+              f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode())
+    assert s.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    s.sendall(body)
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        raw += s.recv(65536)
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(rest) < length:
+        rest += s.recv(65536)
+    assert head.startswith(b"HTTP/1.1 200") and json.loads(rest)["results"][0]["image"] == "a.jpg"
+    s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status, payload, _ = _status_and_json(_read_until_closed(s))
+    assert status == 200 and payload == {"status": "ok"}
+    s.close()
