@@ -45,8 +45,11 @@ def postprocess(raw: RawDetections, image_sizes: torch.Tensor, original_sizes: t
     labels = torch.arange(1, C, device=scores.device).expand_as(scores)
     out = []
     for i in range(B):
-        rows = torch.nonzero(raw.batch_idx == i).flatten()
-        s, b, lab = scores[rows].reshape(-1), boxes[rows].reshape(-1, 4), labels[rows].reshape(-1)
+        if B == 1:  # every RoI is the image's: views, no gathers (0.1 ms of a server request's 0.7)
+            s, b, lab = scores.reshape(-1), boxes.reshape(-1, 4), labels.reshape(-1)
+        else:
+            rows = torch.nonzero(raw.batch_idx == i).flatten()
+            s, b, lab = scores[rows].reshape(-1), boxes[rows].reshape(-1, 4), labels[rows].reshape(-1)
         wanted = s > thresholds[i]
         if classes is not None and classes[i] is not None:
             wanted &= torch.isin(lab, classes[i].to(lab.device))
