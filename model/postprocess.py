@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from model.ops import batched_nms, remove_small_boxes
+from model.ops.eager import batched_nms, remove_small_boxes  # no op dispatch: eager, our own tensors
 from model.transform import scale_boxes
 
 

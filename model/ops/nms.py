@@ -178,6 +178,10 @@ _GROUPED_ABOVE = 2000  # boxes; below it one masked pass beats a loop over group
 
 @torch.library.custom_op("frcnn::batched_nms", mutates_args=())
 def _batched_nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    return _batched_nms_impl(boxes, scores, idxs, iou_threshold)
+
+
+def _batched_nms_impl(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     # Boxes of different classes never suppress each other: a class-equality mask on the
     # suppression test, exact (the coordinate-offset trick loses float precision far from 0).
     if boxes.shape[0] <= _GROUPED_ABOVE:
