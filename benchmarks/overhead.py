@@ -3,11 +3,12 @@
     python -m benchmarks.overhead [--model PATH] [--backend torch] [--requests 200] [--json FILE]
                                   [--against GIT_REF]
 
-Two clients take turns, one image per request, requests one after another (no batching, no
-queueing), against `python -m server` started here: "raw" (http.client on a keep-alive connection,
-the multipart body encoded once: the server's own cost) and "httpx" (what a Python user's client
-adds on top). With --against REF, before and after instead: the server as of REF (a temporary git
-worktree) and this checkout's, both up, the raw client taking turns between them. Per request the server reports its stages in `timing_ms`; the client measures the
+Three clients take turns, one image per request, requests one after another (no batching, no
+queueing), against `python -m server` started here: "socket" (HTTP/1.1 by hand on a keep-alive
+socket, the multipart body encoded once: the server's own cost), "raw" (http.client, which adds
+its response parsing) and "httpx" (what a Python user's client adds on top). With --against REF,
+before and after instead: the server as of REF (a temporary git worktree) and this checkout's,
+both up, the socket client taking turns between them. Per request the server reports its stages in `timing_ms`; the client measures the
 whole round trip. Printed, medians over the requests:
 
     decode        bytes -> (h, w, 3) uint8                      (server, worker pool)
@@ -87,6 +88,46 @@ class RawClient:
         self.conn.close()
 
 
+class SocketClient:
+    """HTTP/1.1 written and read by hand on one keep-alive socket: no client library at all, so the
+    round trip is the server's own cost plus the loopback (http.client's response parsing, through
+    the email package, is about 0.25 ms of its own per request here)."""
+
+    def __init__(self, url: str) -> None:
+        import socket
+        from urllib.parse import urlsplit
+
+        u = urlsplit(url)
+        self.sock = socket.create_connection((u.hostname, u.port), timeout=120)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.host = f"{u.hostname}:{u.port}".encode()
+
+    def post(self, body: bytes, ctype: str) -> dict:
+        self.sock.sendall(b"POST /detect HTTP/1.1\r\nHost: " + self.host + b"\r\nContent-Type: " + ctype.encode()
+                          + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += self._recv()
+        head, _, payload = buf.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        length = next(int(v) for k, _, v in (line.partition(b":") for line in lines[1:])
+                      if k.strip().lower() == b"content-length")
+        while len(payload) < length:
+            payload += self._recv()
+        if not lines[0].startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"{lines[0]!r}: {payload[:200]!r}")
+        return json.loads(payload)
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise RuntimeError("server closed the connection")
+        return chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def measure(posts: dict[str, Callable[[int], dict]], requests: int) -> dict:
     """posts: label -> post(i) (request i, returns the response's timing_ms), taking turns request by
     request (in alternating order) so load hits all alike: p50 and p10 of every stage the server
@@ -112,9 +153,10 @@ def measure(posts: dict[str, Callable[[int], dict]], requests: int) -> dict:
             for label, rs in rows.items()} | {"loadavg": os.getloadavg()[0]}
 
 
-def raw_post(url: str, photos: list[tuple[str, bytes]]) -> tuple[Callable[[int], dict], RawClient]:
+def raw_post(url: str, photos: list[tuple[str, bytes]], client_type: type = RawClient
+             ) -> tuple[Callable[[int], dict], RawClient | SocketClient]:
     bodies = [multipart_body(name, data) for name, data in photos]
-    client = RawClient(url)
+    client = client_type(url)
     return (lambda i: client.post(*bodies[i % len(bodies)])["timing_ms"]), client
 
 
@@ -155,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.against:
         with worktree(args.against) as tree, served(args, args.model, cwd=tree) as (_, before_url), \
                 served(args, args.model) as (_, after_url):
-            before, c1 = raw_post(before_url, photos)
-            after, c2 = raw_post(after_url, photos)
+            before, c1 = raw_post(before_url, photos, SocketClient)
+            after, c2 = raw_post(after_url, photos, SocketClient)
             labels = (f"before {args.against}", "after")
             res = measure(dict(zip(labels, (before, after), strict=True)), args.requests)
             c1.close()
@@ -166,9 +208,11 @@ def main(argv: list[str] | None = None) -> int:
 
         with served(args, args.model) as (_, url), httpx.Client(base_url=url, timeout=120) as hc:
             raw, c = raw_post(url, photos)
-            labels = ("raw", "httpx")
-            res = measure({"raw": raw, "httpx": httpx_post(hc, photos)}, args.requests)
+            sock, c2 = raw_post(url, photos, SocketClient)
+            labels = ("socket", "raw", "httpx")
+            res = measure({"socket": sock, "raw": raw, "httpx": httpx_post(hc, photos)}, args.requests)
             c.close()
+            c2.close()
     print(f"{args.requests} sequential requests per server/client, one 640x480 JPEG each ({len(photos)} "
           f"COCO128 photos), ms (load average {res['loadavg']:.1f} on {os.cpu_count()} cores):")
     print(f"  {'':12s} " + " ".join(f"{label + ' ' + q:>{max(10, len(label) + 4)}s}"
