@@ -120,6 +120,7 @@ class MicroBatcher(Generic[In, Prep, Out]):
         self._buckets: dict[Hashable, deque[_Job]] = {}
         self._running = 0  # batches in the inference threads
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
         self._wake: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -130,6 +131,7 @@ class MicroBatcher(Generic[In, Prep, Out]):
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._wake, self._idle = asyncio.Event(), asyncio.Event()
         self._idle.set()
         self._accepting = True
@@ -180,8 +182,10 @@ class MicroBatcher(Generic[In, Prep, Out]):
         loop = self._loop
         direct = self._direct_ok and cost <= self.lanes.large_cost
 
-        def prepared(_f: Future) -> None:  # in the decode thread that finished (or the loop, if cancelled)
-            if not (direct and self._run_direct(job)):
+        def prepared(_f: Future) -> None:
+            # in the decode thread that finished; in the loop's own thread when the future was
+            # cancelled, or done before this callback was added: never a backend call there
+            if not (direct and threading.get_ident() != self._loop_thread and self._run_direct(job)):
                 loop.call_soon_threadsafe(self._on_prepared, job)
 
         job.prepared.add_done_callback(prepared)

@@ -427,3 +427,32 @@ def test_direct_path_is_not_taken_with_one_decode_thread_or_under_load():
     gate.clear()
     assert _run(main(2, 6)) == [i * i for i in range(6)]
     assert "infer_0" in threads  # the items decoded beside others went through the dispatcher
+
+
+def test_direct_path_never_runs_the_backend_on_the_event_loop():
+    """A decode that finishes before its callback is attached calls the callback in the loop's own
+    thread: that image must go through the dispatcher, not run its backend call there."""
+    import concurrent.futures
+
+    threads: list[str] = []
+
+    def handle(items):
+        threads.append(threading.current_thread().name)
+        return _square_all(items)
+
+    async def main():
+        b = MicroBatcher(prepare=lambda x: x, handle=handle, max_batch_size=4, max_delay_s=0.05, workers=2)
+        await b.start()
+
+        def submit_done(group, cost, fn, arg):  # the lanes, as if the decode were already done
+            f = concurrent.futures.Future()
+            f.set_result(fn(arg))
+            return f
+
+        b.lanes.submit = submit_done
+        out = await b.submit_nowait(5)
+        await b.stop()
+        return out
+
+    assert _run(main()) == 25
+    assert threads == ["infer_0"]
