@@ -45,13 +45,22 @@ def _compile(sig, **kw):
 
 @_compile(types.void(_u8_3d, _f32_2d, types.int64, _i64_1d, _i64_1d, _f32_1d, _f32_1d, _f32_2d, _f32_2d))
 def _width_pass(img, lut, y, c0, c1, l0, l1, row, dst):  # pragma: no cover - compiled
-    """dst (3, w') = source row y normalized (row: (3, w) scratch) and interpolated along the width."""
+    """dst (3, w') = source row y normalized (row: (3, w) scratch) and interpolated along the width.
+    Upscaling reads each source pixel more than once: normalize the row once, then interpolate.
+    Downscaling by more than 2 leaves source pixels unread: normalize just the two taps of each
+    output (the same table values either way)."""
     w = img.shape[1]
+    ow = c0.shape[0]
+    if 2 * ow < w:
+        for c in range(3):
+            for x in range(ow):
+                dst[c, x] = _fma(lut[c, img[y, c0[x], c]], l0[x], lut[c, img[y, c1[x], c]] * l1[x])
+        return
     for x in range(w):
         for c in range(3):
             row[c, x] = lut[c, img[y, x, c]]
     for c in range(3):
-        for x in range(c0.shape[0]):
+        for x in range(ow):
             dst[c, x] = _fma(row[c, c0[x]], l0[x], row[c, c1[x]] * l1[x])
 
 @_compile(types.void(_u8_3d, _f32_2d, _i64_1d, _i64_1d, _f32_1d, _f32_1d, _i64_1d, _i64_1d, _f32_1d,
