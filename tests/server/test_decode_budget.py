@@ -136,3 +136,31 @@ def test_client_gone_cancels_the_request_s_unstarted_work(make_settings, big_png
     # The decode running when the client left ends after it and is dropped before the backend.
     assert _metric(metrics, "frcnn_batch_size_sum") + _metric(metrics, 'frcnn_cancelled_total{stage="inference"}') == decoded
     assert _metric(metrics, "frcnn_batch_size_sum") == 0
+
+
+def test_a_lone_image_s_client_gone_mid_decode_never_reaches_the_backend(make_settings, big_pngs):
+    """One image: the request waits on that image's own answer (no all_in future), so the
+    disconnect watcher cancels the answer itself; the decode in flight ends and is dropped."""
+    settings = make_settings(max_pixels=SIDE * SIDE, request_timeout_s=120)
+
+    async def scenario(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as watch:
+            async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+                costly = asyncio.create_task(c.post("/detect", files=_files(big_pngs[:1])))
+                deadline = time.monotonic() + 60
+                while _metric((await watch.get("/metrics")).text, 'frcnn_decoding{lane="large"}') < 1:
+                    assert time.monotonic() < deadline, "the large decode never started"
+                    await asyncio.sleep(0.01)
+                costly.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await costly
+            while _metric((await watch.get("/metrics")).text, 'frcnn_cancelled_total{stage="inference"}') < 1:
+                assert time.monotonic() < deadline, "the decoded image was not dropped after the client left"
+                await asyncio.sleep(0.01)
+            r = await watch.post("/detect", files={"images": ("x.jpg", jpeg_bytes((64, 48)), "image/jpeg")})
+            assert r.status_code == 200  # and the server goes on
+
+    with serve(settings) as (url, server):
+        asyncio.run(scenario(url))
+    metrics = _final_metrics(server)
+    assert _metric(metrics, "frcnn_batch_size_sum") == 1  # the small image only
