@@ -41,17 +41,26 @@ def to_float(image: torch.Tensor) -> torch.Tensor:
     return image.float().contiguous()
 
 
+def normalize(image: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(3, h, w) uint8 or float 0..1 -> (3, h, w) float32 (x - mean) / std, per channel."""
+    x = to_float(image)
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device)[:, None, None]
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device)[:, None, None]
+    if image.dtype == torch.uint8:  # x is our own float copy: normalize it in place, no more full-size ones
+        return x.sub_(m).div_(s)
+    return (x - m) / s
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(3, h, w) float -> (3, h', w') = size, bilinear, align_corners=False (torchvision's)."""
+    return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
 def normalize_resize(image: torch.Tensor, cfg: TransformConfig, min_size: int | None = None) -> torch.Tensor:
     """(3, h, w) uint8 or float 0..1 -> (3, h', w') normalized, resized with bilinear, align_corners=False."""
-    x = to_float(image)
-    mean = torch.as_tensor(cfg.image_mean, dtype=x.dtype, device=x.device)[:, None, None]
-    std = torch.as_tensor(cfg.image_std, dtype=x.dtype, device=x.device)[:, None, None]
-    if image.dtype == torch.uint8:  # x is our own float copy: normalize it in place, no more full-size ones
-        x = x.sub_(mean).div_(std)
-    else:
-        x = (x - mean) / std
+    x = normalize(image, cfg.image_mean, cfg.image_std)
     size = resized_size(x.shape[1], x.shape[2], cfg.min_size if min_size is None else min_size, cfg.max_size)
-    return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+    return resize(x, size)
 
 
 def pad_batch(images: list[torch.Tensor], size_divisible: int, pad_past_edge: bool = False

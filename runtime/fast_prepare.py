@@ -85,12 +85,12 @@ def _run(img: np.ndarray, size: tuple[int, int], padded: tuple[int, int], mean: 
 
 def _torch_twin(img: np.ndarray, size: tuple[int, int], padded: tuple[int, int], mean: tuple[float, ...],
                 std: tuple[float, ...]) -> np.ndarray:
+    """The same output from model.transform's torch path (what the pipeline runs otherwise)."""
     import torch
-    import torch.nn.functional as F
 
-    x = torch.from_numpy(img).permute(2, 0, 1).contiguous().float().div_(255)
-    x = x.sub_(torch.tensor(mean)[:, None, None]).div_(torch.tensor(std)[:, None, None])
-    y = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+    from model.transform import normalize, resize
+
+    y = resize(normalize(torch.from_numpy(img).permute(2, 0, 1), mean, std), size)
     out = torch.zeros((3, *padded))
     out[:, :size[0], :size[1]] = y
     return out.numpy()
