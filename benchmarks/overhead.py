@@ -20,6 +20,15 @@ whole round trip. Printed, medians over the requests:
     overhead      round trip - backend: what serving adds to the model
 
 Each as median and 10th percentile over the requests (per column, so the rows need not add up).
+
+Then, in the same run, the floors: what each part costs alone on these cores, the same photos
+again. Decode, preprocess and postprocess (right after an inference, as served) in this process,
+one call at a time; the HTTP round trip of the same bodies, by the same socket client, to a bare
+ASGI app on uvicorn with httptools and uvloop (the server's stack) that reads the body and answers
+a response of the same size (one the server gave). Their sum is what a server with no cost of its
+own would add; "serving's own" is the overhead above it: FastAPI and the middleware, multipart
+parsing, the hand-offs between the event loop and the threads, caches cold after the model ran.
+(--no-floors skips them; with --against they are not run.)
 """
 
 from __future__ import annotations
@@ -181,6 +190,96 @@ def worktree(ref: str):
         shutil.rmtree(path.parent, ignore_errors=True)
 
 
+async def bare_app(scope: dict, receive: Callable, send: Callable) -> None:
+    """The HTTP floor: reads the whole body, answers the bytes of $FRCNN_BENCH_BARE_BODY (a file)."""
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        more = (await receive()).get("more_body", False)
+    body = _BARE_BODY.get("body")
+    if body is None:
+        body = _BARE_BODY["body"] = Path(os.environ["FRCNN_BENCH_BARE_BODY"]).read_bytes()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+_BARE_BODY: dict[str, bytes] = {}
+
+
+@contextlib.contextmanager
+def bare_server(response: bytes):
+    """uvicorn serving bare_app (httptools, uvloop: the server's protocol and loop) on a free port."""
+    import socket
+
+    with tempfile.TemporaryDirectory() as tmp:
+        body_file = Path(tmp) / "body.json"
+        body_file.write_bytes(response)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "benchmarks.overhead:bare_app", "--port", str(port),
+                                 "--http", "httptools", "--loop", "uvloop", "--log-level", "warning",
+                                 "--no-access-log"], cwd=ROOT, env={**os.environ, "FRCNN_BENCH_BARE_BODY": str(body_file)})
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("bare server did not start") from None
+                    time.sleep(0.1)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    return {"p50": statistics.median(values), "p10": float(np.percentile(values, 10))}
+
+
+def floors(args: argparse.Namespace, photos: list[tuple[str, bytes]], response: bytes) -> dict[str, dict[str, float]]:
+    """Each part alone (ms, p50 and p10 over args.requests calls), see the module docstring."""
+    import torch
+
+    from runtime import Pipeline
+    from runtime.images import load_image
+
+    torch.set_num_threads(args.threads)
+    pipe = Pipeline.load(args.model, backend=args.backend, threads=args.threads)
+    stages: dict[str, list[float]] = {"decode": [], "preprocess": [], "postprocess": [], "http": []}
+    for i in range(args.requests + 10):
+        data = photos[i % len(photos)][1]
+        t0 = time.perf_counter()
+        image = load_image(data)
+        t1 = time.perf_counter()
+        batch = pipe.collate([pipe.prepare(image)])
+        t2 = time.perf_counter()
+        raw = pipe.infer(batch)
+        t3 = time.perf_counter()
+        pipe.postprocess(raw, batch, pipe.options())
+        t4 = time.perf_counter()
+        if i >= 10:
+            for k, v in (("decode", t1 - t0), ("preprocess", t2 - t1), ("postprocess", t4 - t3)):
+                stages[k].append(v * 1e3)
+    bodies = [multipart_body(name, data) for name, data in photos]
+    with bare_server(response) as url:
+        client = SocketClient(url)
+        for i in range(args.requests + 10):
+            t0 = time.perf_counter()
+            client.post(*bodies[i % len(bodies)])
+            if i >= 10:
+                stages["http"].append((time.perf_counter() - t0) * 1e3)
+        client.close()
+    out = {k: _quantiles(v) for k, v in stages.items()}
+    out["sum"] = {q: sum(out[k][q] for k in stages) for q in ("p50", "p10")}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -190,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--against", metavar="GIT_REF", help="before/after: also serve the code as of GIT_REF")
+    ap.add_argument("--no-floors", action="store_true", help="skip the floors (each part alone)")
     add_server_options(ap)
     args = ap.parse_args(argv)
 
@@ -211,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             sock, c2 = raw_post(url, photos, SocketClient)
             labels = ("socket", "raw", "httpx")
             res = measure({"socket": sock, "raw": raw, "httpx": httpx_post(hc, photos)}, args.requests)
+            response = hc.post("/detect", files={"images": photos[0]}).content  # the bare app's answer
             c.close()
             c2.close()
     print(f"{args.requests} sequential requests per server/client, one 640x480 JPEG each ({len(photos)} "
@@ -220,6 +321,17 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("decode", "preprocess", "queue", "inference", "postprocess", "http+json", "round_trip", "overhead"):
         print(f"  {k:12s} " + " ".join(f"{res[label][q][k]:>{max(10, len(label) + 4)}.2f}"
                                         for label in labels for q in ("p50", "p10")))
+    if not (args.against or args.no_floors or args.url):
+        res["floors"] = floors(args, photos, response)
+        f, own = res["floors"], res["socket"]
+        print("  floors, each part alone (same photos, socket client for HTTP):")
+        for k, what in (("decode", "decode (runtime.images.load_image)"), ("preprocess", "preprocess (prepare + collate)"),
+                        ("postprocess", "postprocess (right after an inference)"),
+                        ("http", "HTTP round trip, bare ASGI app on uvicorn"), ("sum", "sum")):
+            print(f"  {what:40s} {f[k]['p50']:>8.2f} {f[k]['p10']:>8.2f}")
+        for q in ("p50", "p10"):
+            print(f"  {q}: server overhead {own[q]['overhead']:.2f} = floors {f['sum'][q]:.2f} + serving's own "
+                  f"{own[q]['overhead'] - f['sum'][q]:.2f}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     return 0
