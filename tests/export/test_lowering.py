@@ -201,3 +201,31 @@ def test_roi_pool_matches_eager():
     rois = _rois(50, 2, 400.0, g)
     got, = _run_onnx(_RoIPool(), (x, rois), ({0: Dim("N")}, {0: Dim("K")}))
     np.testing.assert_allclose(got, _RoIPool()(x, rois).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_multiscale_roi_align_channel_blocks_are_bit_equal_to_one_pass(monkeypatch):
+    """Pooling a level's channels block after block (export/lowering.ROI_CHANNEL_BLOCKS, for
+    onnxruntime's cache) gives the rows one RoiAlign over all channels gives, bit for bit, at 0, 1
+    and many RoIs over two images; channel counts it does not divide pool in one pass."""
+    import export.lowering as lowering
+
+    scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    g = torch.Generator().manual_seed(5)
+    feats = tuple(torch.randn(2, 8, int(256 * s), int(320 * s), generator=g) for s in scales)
+    module = _MultiScale(scales)
+    rois = _rois(300, 2, 300.0, g)
+    dyn = ({0: Dim("K")}, (None,) * len(feats))
+    blocked = _export(module, (rois, *feats), dyn)
+    monkeypatch.setattr(lowering, "ROI_CHANNEL_BLOCKS", 1)
+    one_pass = _export(module, (rois, *feats), dyn)
+    monkeypatch.setattr(lowering, "ROI_CHANNEL_BLOCKS", 3)  # 8 channels: not divisible, one pass
+    fallback = _export(module, (rois, *feats), dyn)
+    tiles = [sum(n.op_type == "Tile" for n in p.graph.node) for p in (blocked, one_pass, fallback)]
+    assert tiles == [8, 0, 0]  # boxes and map ids tiled per level
+    for k in (300, 1, 0):
+        want = module(rois[:k], *feats).numpy()
+        got = [_run_proto(p, (rois[:k], *feats))[0] for p in (blocked, one_pass, fallback)]
+        assert got[0].shape == (k, 8, 7, 7)
+        np.testing.assert_array_equal(got[0], got[1])
+        np.testing.assert_array_equal(got[2], got[1])
+        np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)

@@ -48,7 +48,7 @@ def test_graph_is_checked_folded_and_declares_the_contract(tiny_onnx):
     foldable = [n.op_type for n in m.graph.node
                 if n.op_type != "Constant" and n.input and all(i in constant or i == "" for i in n.input)]
     assert foldable == []
-    assert len(m.graph.node) < 720  # the whole tiny detector, dynamic shapes included
+    assert len(m.graph.node) < 800  # the whole tiny detector, dynamic shapes included (13 per level for RoiAlign blocks)
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 4])
