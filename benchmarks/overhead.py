@@ -21,11 +21,11 @@ whole round trip. Printed, medians over the requests:
 
 Each as median and 10th percentile over the requests (per column, so the rows need not add up).
 
-Then, in the same run, the floors: what each part costs alone on these cores, the same photos
-again. Decode, preprocess and postprocess (right after an inference, as served) in this process,
-one call at a time; the HTTP round trip of the same bodies, by the same socket client, to a bare
-ASGI app on uvicorn with httptools and uvloop (the server's stack) that reads the body and answers
-a response of the same size (one the server gave). Their sum is what a server with no cost of its
+Beside them, taking turns with the server's requests, the floors: what each part costs alone on
+these cores, the same photos. Decode, preprocess and postprocess in this process, one call at a
+time, with warm caches: the model's outputs computed beforehand ("alone"); the HTTP round trip of the same bodies, by
+the same socket client, to a bare ASGI app on uvicorn with httptools and uvloop (the server's
+stack) that reads the body and answers a response the server gave ("bare"). Their sum is what a server with no cost of its
 own would add; "serving's own" is the overhead above it: FastAPI and the middleware, multipart
 parsing, the hand-offs between the event loop and the threads, caches cold after the model ran.
 (--no-floors skips them; with --against they are not run.)
@@ -238,12 +238,11 @@ def bare_server(response: bytes):
             proc.wait(30)
 
 
-def _quantiles(values: list[float]) -> dict[str, float]:
-    return {"p50": statistics.median(values), "p10": float(np.percentile(values, 10))}
-
-
-def floors(args: argparse.Namespace, photos: list[tuple[str, bytes]], response: bytes) -> dict[str, dict[str, float]]:
-    """Each part alone (ms, p50 and p10 over args.requests calls), see the module docstring."""
+def alone_post(args: argparse.Namespace, photos: list[tuple[str, bytes]]) -> Callable[[int], dict]:
+    """post(i) for measure() without a server: photo i decoded, prepared and postprocessed here, each
+    stage timed (ms) as the server reports them. The model's outputs are computed once per photo
+    beforehand: a model run here between the requests would leave this process's threads spinning
+    on the cores the servers need."""
     import torch
 
     from runtime import Pipeline
@@ -251,32 +250,26 @@ def floors(args: argparse.Namespace, photos: list[tuple[str, bytes]], response: 
 
     torch.set_num_threads(args.threads)
     pipe = Pipeline.load(args.model, backend=args.backend, threads=args.threads)
-    stages: dict[str, list[float]] = {"decode": [], "preprocess": [], "postprocess": [], "http": []}
-    for i in range(args.requests + 10):
-        data = photos[i % len(photos)][1]
+    raws = [pipe.infer(pipe.collate([pipe.prepare(load_image(data))])) for _, data in photos]
+
+    def post(i: int) -> dict:
         t0 = time.perf_counter()
-        image = load_image(data)
+        image = load_image(photos[i % len(photos)][1])
         t1 = time.perf_counter()
         batch = pipe.collate([pipe.prepare(image)])
         t2 = time.perf_counter()
-        raw = pipe.infer(batch)
+        pipe.postprocess(raws[i % len(photos)], batch, pipe.options())
         t3 = time.perf_counter()
-        pipe.postprocess(raw, batch, pipe.options())
-        t4 = time.perf_counter()
-        if i >= 10:
-            for k, v in (("decode", t1 - t0), ("preprocess", t2 - t1), ("postprocess", t4 - t3)):
-                stages[k].append(v * 1e3)
-    bodies = [multipart_body(name, data) for name, data in photos]
-    with bare_server(response) as url:
-        client = SocketClient(url)
-        for i in range(args.requests + 10):
-            t0 = time.perf_counter()
-            client.post(*bodies[i % len(bodies)])
-            if i >= 10:
-                stages["http"].append((time.perf_counter() - t0) * 1e3)
-        client.close()
-    out = {k: _quantiles(v) for k, v in stages.items()}
-    out["sum"] = {q: sum(out[k][q] for k in stages) for q in ("p50", "p10")}
+        return {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, "queue": 0.0, "inference": 0.0,
+                "postprocess": (t3 - t2) * 1e3}
+    return post
+
+
+def floors(res: dict) -> dict[str, dict[str, float]]:
+    """The floors (see the module docstring) from measure()'s "alone" and "bare" columns."""
+    out = {k: {q: res["alone"][q][k] for q in ("p50", "p10")} for k in ("decode", "preprocess", "postprocess")}
+    out["http"] = {q: res["bare"][q]["round_trip"] for q in ("p50", "p10")}
+    out["sum"] = {q: sum(out[k][q] for k in ("decode", "preprocess", "postprocess", "http")) for q in ("p50", "p10")}
     return out
 
 
@@ -306,12 +299,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import httpx
 
-        with served(args, args.model) as (_, url), httpx.Client(base_url=url, timeout=120) as hc:
+        with served(args, args.model) as (_, url), httpx.Client(base_url=url, timeout=120) as hc, \
+                contextlib.ExitStack() as stack:
             raw, c = raw_post(url, photos)
             sock, c2 = raw_post(url, photos, SocketClient)
             labels = ("socket", "raw", "httpx")
-            res = measure({"socket": sock, "raw": raw, "httpx": httpx_post(hc, photos)}, args.requests)
-            response = hc.post("/detect", files={"images": photos[0]}).content  # the bare app's answer
+            posts = {"socket": sock, "raw": raw, "httpx": httpx_post(hc, photos)}
+            if not (args.no_floors or args.url):  # taking turns with the server's requests
+                response = hc.post("/detect", files={"images": photos[0]}).content  # the bare app's answer
+                bare, c3 = raw_post(stack.enter_context(bare_server(response)), photos, SocketClient)
+                stack.callback(c3.close)
+                posts["bare"] = lambda i: bare(i) and dict.fromkeys(STAGES, 0.0)
+                posts["alone"] = alone_post(args, photos)
+            res = measure(posts, args.requests)
             c.close()
             c2.close()
     print(f"{args.requests} sequential requests per server/client, one 640x480 JPEG each ({len(photos)} "
@@ -321,12 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("decode", "preprocess", "queue", "inference", "postprocess", "http+json", "round_trip", "overhead"):
         print(f"  {k:12s} " + " ".join(f"{res[label][q][k]:>{max(10, len(label) + 4)}.2f}"
                                         for label in labels for q in ("p50", "p10")))
-    if not (args.against or args.no_floors or args.url):
-        res["floors"] = floors(args, photos, response)
+    if "bare" in res:
+        res["floors"] = floors(res)
         f, own = res["floors"], res["socket"]
         print("  floors, each part alone (same photos, socket client for HTTP):")
         for k, what in (("decode", "decode (runtime.images.load_image)"), ("preprocess", "preprocess (prepare + collate)"),
-                        ("postprocess", "postprocess (right after an inference)"),
+                        ("postprocess", "postprocess (warm)"),
                         ("http", "HTTP round trip, bare ASGI app on uvicorn"), ("sum", "sum")):
             print(f"  {what:40s} {f[k]['p50']:>8.2f} {f[k]['p10']:>8.2f}")
         for q in ("p50", "p10"):
