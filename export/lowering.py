@@ -118,8 +118,9 @@ def multiscale_roi_align(
 ):
     """frcnn::multiscale_roi_align -> one RoiAlign per FPN level over that level's RoIs only.
 
-    Each level gathers its RoIs (NonZero + Gather), pools them, and one Gather puts the per-level
-    results back in RoI order. Pooling every RoI at every level and selecting with Where
+    Each level gathers its RoIs (NonZero + Gather), pools them (in ROI_CHANNEL_BLOCKS channel
+    blocks where the channel count allows: see _roi_align_blocked), and one Gather puts the
+    per-level results back in RoI order. Pooling every RoI at every level and selecting with Where
     would cost L times the RoiAlign work and more: with adaptive sampling a large RoI pooled from a
     fine level takes ceil(roi / bin)^2 samples per bin.
     Returns Tensor[K, C, oh, ow].
