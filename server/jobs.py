@@ -94,61 +94,54 @@ async def run_jobs(state: Any, jobs: list[Job], request: Any = None) -> list[Ans
     return answers
 
 
+class _ClientGone(Exception):
+    pass
+
+
+class _TimedOut(Exception):
+    pass
+
+
+def _fail(fut: asyncio.Future, error: Exception) -> None:
+    if not fut.done():
+        fut.set_exception(error)
+
+
 async def _wait(futures: list[asyncio.Future], timeout_s: float, request: Any) -> list[Any] | None:
     """All answers (exceptions in place), or None on timeout. Raises ApiError 400 when the client
     disconnects first (nobody would read the answer).
 
-    The request awaits one future and resumes one event-loop turn after it is done: a lone image's
-    own answer, or for several `all_in`, set by the last answer (gather + wait took three turns, a
-    timeout task more). The timer and the disconnect watcher stop the wait by cancelling that
-    future, a lone image's answer included, which also takes the image out of the batcher."""
+    One future, `all_in`, is set by the last answer (or failed by the timer or the disconnect
+    watcher) and awaited directly: the request resumes two event-loop turns after its last answer
+    (gather + wait took three, and a timeout task more)."""
     if not futures:
         return []
     loop = asyncio.get_running_loop()
-    stopped: list[str] = []  # why the wait was stopped: "timeout" or "gone"
-    one_in = None
-    if len(futures) == 1:
-        target = futures[0]
-    else:
-        target = loop.create_future()
-        left = len(futures)
+    all_in = loop.create_future()
+    left = len(futures)
 
-        def one_in(_f: asyncio.Future) -> None:
-            nonlocal left
-            left -= 1
-            if left == 0 and not target.done():
-                target.set_result(None)
+    def one_in(_f: asyncio.Future) -> None:
+        nonlocal left
+        left -= 1
+        if left == 0 and not all_in.done():
+            all_in.set_result(None)
 
-        for f in futures:
-            f.add_done_callback(one_in)
-
-    def stop(reason: str) -> None:
-        if not target.done():
-            stopped.append(reason)
-            target.cancel()
-
-    gone = asyncio.ensure_future(_client_gone(request, stop)) if request is not None else None
-    timer = loop.call_later(timeout_s, stop, "timeout")
+    for f in futures:
+        f.add_done_callback(one_in)
+    gone = asyncio.ensure_future(_client_gone(request, all_in)) if request is not None else None
+    timer = loop.call_later(timeout_s, _fail, all_in, _TimedOut())
     try:
-        await target
-    except asyncio.CancelledError:
-        if stopped:
-            if stopped[0] == "timeout":
-                return None
-            raise ApiError(400, "client_disconnected", "client disconnected before the answer") from None
-        task = asyncio.current_task()
-        if task is None or getattr(task, "cancelling", lambda: 1)():
-            raise  # the request itself was cancelled
-        # else a lone image's answer was cancelled elsewhere: _outcome reads it back below
-    except Exception:  # noqa: BLE001 - a lone image's own error: read back by _outcome below
-        pass
+        await all_in
+    except _TimedOut:
+        return None
+    except _ClientGone:
+        raise ApiError(400, "client_disconnected", "client disconnected before the answer") from None
     finally:
         timer.cancel()
         if gone is not None:
             gone.cancel()
-        if one_in is not None:
-            for f in futures:
-                f.remove_done_callback(one_in)
+        for f in futures:
+            f.remove_done_callback(one_in)
     return [_outcome(f) for f in futures]
 
 
@@ -159,11 +152,11 @@ def _outcome(f: asyncio.Future) -> Any:
     return f.exception() or f.result()
 
 
-async def _client_gone(request: Any, stop: Any) -> None:
-    """Stops the wait (`stop("gone")`) when the client closes the connection. The body has been
-    read already, so the server's next receive() message is the disconnect."""
+async def _client_gone(request: Any, all_in: asyncio.Future) -> None:
+    """Fails `all_in` when the client closes the connection. The body has been read already, so
+    the server's next receive() message is the disconnect."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            stop("gone")
+            _fail(all_in, _ClientGone())
             return
