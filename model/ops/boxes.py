@@ -104,6 +104,10 @@ def _(boxes, image_size):
 
 @torch.library.custom_op("frcnn::remove_small_boxes", mutates_args=())
 def _remove_small_boxes_op(boxes: Tensor, min_size: float) -> Tensor:
+    return _remove_small_boxes_impl(boxes, min_size)
+
+
+def _remove_small_boxes_impl(boxes: Tensor, min_size: float) -> Tensor:  # also model.ops.eager's
     return torch.where(_small_mask(boxes, min_size))[0]
 
 

@@ -9,10 +9,9 @@ Boxes are (x1, y1, x2, y2) in absolute pixels.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from model.ops.boxes import _small_mask
+from model.ops.boxes import _remove_small_boxes_impl
 from model.ops.nms import _batched_nms_impl
 
 __all__ = ["batched_nms", "remove_small_boxes"]
@@ -26,4 +25,4 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
 
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     """model.ops.remove_small_boxes without its checks: (N, 4) -> (K,) int64, increasing."""
-    return torch.where(_small_mask(boxes, float(min_size)))[0]
+    return _remove_small_boxes_impl(boxes, float(min_size))
