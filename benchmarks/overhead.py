@@ -1,7 +1,7 @@
 """Server overhead per 640x480 JPEG, broken down by stage (not a test).
 
     python -m benchmarks.overhead [--model PATH] [--backend torch] [--requests 200] [--json FILE]
-                                  [--against GIT_REF]
+                                  [--against GIT_REF] [--no-floors]
 
 Three clients take turns, one image per request, requests one after another (no batching, no
 queueing), against `python -m server` started here: "socket" (HTTP/1.1 by hand on a keep-alive
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.server_load import COCO, ROOT, add_server_options, served
+from benchmarks.server_load import COCO, ROOT, add_server_options, free_port, served, wait_ready
 
 STAGES = ("decode", "preprocess", "queue", "inference", "postprocess")
 
@@ -197,15 +197,13 @@ async def bare_app(scope: dict, receive: Callable, send: Callable) -> None:
     more = True
     while more:
         more = (await receive()).get("more_body", False)
-    body = _BARE_BODY.get("body")
-    if body is None:
-        body = _BARE_BODY["body"] = Path(os.environ["FRCNN_BENCH_BARE_BODY"]).read_bytes()
     await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(_BARE_BODY)).encode())]})
+    await send({"type": "http.response.body", "body": _BARE_BODY})
 
 
-_BARE_BODY: dict[str, bytes] = {}
+# read once where uvicorn imports this module for bare_app (bare_server sets the variable)
+_BARE_BODY = Path(os.environ["FRCNN_BENCH_BARE_BODY"]).read_bytes() if "FRCNN_BENCH_BARE_BODY" in os.environ else b""
 
 
 @contextlib.contextmanager
@@ -216,22 +214,16 @@ def bare_server(response: bytes):
     with tempfile.TemporaryDirectory() as tmp:
         body_file = Path(tmp) / "body.json"
         body_file.write_bytes(response)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "benchmarks.overhead:bare_app", "--port", str(port),
                                  "--http", "httptools", "--loop", "uvloop", "--log-level", "warning",
                                  "--no-access-log"], cwd=ROOT, env={**os.environ, "FRCNN_BENCH_BARE_BODY": str(body_file)})
+        def accepting() -> bool:  # OSError until uvicorn listens
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("bare server did not start") from None
-                    time.sleep(0.1)
+            wait_ready(proc, accepting, "bare server", 60)
             yield f"http://127.0.0.1:{port}"
         finally:
             proc.terminate()
@@ -309,7 +301,12 @@ def main(argv: list[str] | None = None) -> int:
                 response = hc.post("/detect", files={"images": photos[0]}).content  # the bare app's answer
                 bare, c3 = raw_post(stack.enter_context(bare_server(response)), photos, SocketClient)
                 stack.callback(c3.close)
-                posts["bare"] = lambda i: bare(i) and dict.fromkeys(STAGES, 0.0)
+
+                def bare_post(i: int) -> dict:  # its answer's timing_ms is the server's, not its own
+                    bare(i)
+                    return dict.fromkeys(STAGES, 0.0)
+
+                posts["bare"] = bare_post
                 posts["alone"] = alone_post(args, photos)
             res = measure(posts, args.requests)
             c.close()

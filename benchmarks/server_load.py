@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -121,11 +122,29 @@ def served(args: argparse.Namespace, model: Path, cwd: Path = ROOT):
         proc.wait(120)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(proc: subprocess.Popen, ready: Callable[[], bool], what: str, timeout_s: float) -> None:
+    """Until ready() is true (it may raise OSError while the process starts); RuntimeError when
+    the process exits first or timeout_s passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if ready():
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.2)
+
+
 def start_server(args: argparse.Namespace, model: Path, cwd: Path = ROOT) -> tuple[subprocess.Popen, str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     # A long request timeout: at concurrency 16 a slow model's requests wait for 16 images ahead.
     env = {**os.environ, "FRCNN_THREADS": str(args.threads), "FRCNN_QUEUE_SIZE": "256",
            "FRCNN_REQUEST_TIMEOUT_S": "900",
@@ -138,16 +157,14 @@ def start_server(args: argparse.Namespace, model: Path, cwd: Path = ROOT) -> tup
     url = f"http://127.0.0.1:{port}"
     import httpx
 
-    deadline = time.monotonic() + 900
-    while True:
+    def ready() -> bool:
         try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                return proc, url
+            return httpx.get(f"{url}/ready", timeout=5).status_code == 200
         except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("server did not start")
-        time.sleep(0.2)
+            return False
+
+    wait_ready(proc, ready, "server", 900)
+    return proc, url
 
 
 def scrape(url: str) -> dict[str, float]:
