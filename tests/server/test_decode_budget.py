@@ -139,8 +139,9 @@ def test_client_gone_cancels_the_request_s_unstarted_work(make_settings, big_png
 
 
 def test_a_lone_image_s_client_gone_mid_decode_never_reaches_the_backend(make_settings, big_pngs):
-    """One image: the request waits on that image's own answer (no all_in future), so the
-    disconnect watcher cancels the answer itself; the decode in flight ends and is dropped."""
+    """One image whose client leaves while it decodes: the disconnect watcher ends the wait and
+    run_jobs cancels the request's work, so the decode in flight ends and is dropped before the
+    backend."""
     settings = make_settings(max_pixels=SIDE * SIDE, request_timeout_s=120)
 
     async def scenario(url: str) -> None:
