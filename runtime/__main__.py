@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="torch backend device (cpu, cuda)")
     ap.add_argument("--providers", help="onnxruntime execution providers, comma-separated in order "
                     "(cpu, cuda, tensorrt; default: the best available)")
+    ap.add_argument("--no-winograd", dest="winograd", action="store_false",
+                    help="onnxruntime on CPU: direct 3x3 convolutions instead of Winograd F(4x4, 3x3)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--score-threshold", type=float)
     ap.add_argument("--max-detections", type=int)
@@ -80,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         paths = collect_images(args.inputs)
         providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
         pipe = Pipeline.load(args.model, backend=args.backend, device=args.device, threads=args.threads,
-                             providers=providers)
-        print(f"model {pipe.model_name}: {pipe.backend_name} backend, {pipe.precision}", file=sys.stderr)
+                             providers=providers, winograd=None if args.winograd else False)
+        convs = getattr(pipe.backend, "winograd_convs", 0)
+        print(f"model {pipe.model_name}: {pipe.backend_name} backend, {pipe.precision}"
+              + (f", Winograd F(4x4, 3x3) on {convs} convolutions" if convs else ""), file=sys.stderr)
         results = predict_files(pipe, paths, batch_size=args.batch_size, score_threshold=args.score_threshold,
                                 max_detections=args.max_detections)
     except (FileNotFoundError, ImageError, ValueError) as exc:

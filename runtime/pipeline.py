@@ -78,13 +78,14 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path, *, backend: str = "auto", device: str = "cpu",
-             threads: int | None = None, providers: list[str] | None = None) -> Pipeline:
+             threads: int | None = None, providers: list[str] | None = None,
+             winograd: bool | None = None) -> Pipeline:
         """path: checkpoint directory (torch, on `device`), .onnx (onnxruntime, on `providers`; None =
-        the best available), .engine (tensorrt)."""
+        the best available; winograd: see OnnxRuntimeBackend), .engine (tensorrt)."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no model at {path}")
-        b = load_backend(path, backend, device=device, threads=threads, providers=providers)
+        b = load_backend(path, backend, device=device, threads=threads, providers=providers, winograd=winograd)
         return cls(b, b.config, list(b.class_names), path.stem if path.is_file() else path.name)
 
     @classmethod

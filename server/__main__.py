@@ -1,5 +1,5 @@
 """python -m server [--model PATH] [--backend ...] [--device] [--providers] [--host] [--port]
-[--max-batch-size] [--max-delay-ms] [--workers]. Options override FRCNN_* environment variables; everything else comes from them."""
+[--max-batch-size] [--max-delay-ms] [--workers] [--no-winograd]. Options override FRCNN_* environment variables; everything else comes from them."""
 
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--intra-op-threads", type=int, default=None, dest="deprecated_threads",
                         help="deprecated spelling of --threads")
     parser.add_argument("--backend", choices=list(BACKENDS), default=None)
+    parser.add_argument("--winograd", action=argparse.BooleanOptionalAction, default=None,
+                        help="onnxruntime on CPU: large 3x3 convolutions by Winograd F(4x4, 3x3) (default: on)")
     args = parser.parse_args(argv)
     if args.deprecated_threads is not None:
         print("python -m server: --intra-op-threads is deprecated; use --threads", file=sys.stderr)

@@ -35,12 +35,13 @@ def resolve(settings: Settings) -> tuple[Path, str]:
 def load_pipeline(settings: Settings) -> Pipeline:
     path, backend = resolve(settings)
     pipe = Pipeline.load(path, backend=backend, threads=settings.threads, device=settings.device,
-                         providers=settings.providers or None)
+                         providers=settings.providers or None, winograd=None if settings.winograd else False)
     if path.is_dir():
         log.info("model: serving checkpoint %s with the torch backend; for onnxruntime (faster on CPU) run "
                  "`python -m export onnx --checkpoint %s --out model.onnx --if-stale` and serve model.onnx "
                  "(`make serve` does both)", path, path)
     where = {"torch": settings.device, "onnxruntime": ", ".join(getattr(pipe.backend, "providers", []))}
-    log.info("model: %s served by the %s backend (%s; %s)", path, pipe.backend_name, pipe.precision,
-             where.get(pipe.backend_name, "gpu"))
+    convs = getattr(pipe.backend, "winograd_convs", 0)
+    log.info("model: %s served by the %s backend (%s; %s%s)", path, pipe.backend_name, pipe.precision,
+             where.get(pipe.backend_name, "gpu"), f"; Winograd F(4x4, 3x3) on {convs} convolutions" if convs else "")
     return pipe

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
         default_factory=list, description="onnxruntime execution providers in order of preference "
         "(cpu, cuda, tensorrt or onnxruntime's full names; comma-separated in FRCNN_PROVIDERS); "
         "empty = the best this onnxruntime build offers (TensorRT, CUDA, then CPU)")
+    winograd: bool = Field(True, description="onnxruntime on the CPU provider: compute the large 3x3 "
+                           "convolutions by Winograd F(4x4, 3x3) (fp32 arithmetic, about 1e-5 relative from the "
+                           "direct convolution; false = direct, as the file says)")
 
     # network
     host: str = "127.0.0.1"

@@ -25,9 +25,11 @@ def resolve_backend(path: str | Path, backend: str = "auto") -> str:
 
 
 def load_backend(path: str | Path, backend: str = "auto", *, device: str = "cpu",
-                 threads: int | None = None, providers: list[str] | None = None) -> Any:
+                 threads: int | None = None, providers: list[str] | None = None,
+                 winograd: bool | None = None) -> Any:
     """Load `path` with the backend resolve_backend picks (threads: intra-op threads; None = library
-    default; device: the torch backend's; providers: onnxruntime's, None = the best available)."""
+    default; device: the torch backend's; providers: onnxruntime's, None = the best available;
+    winograd: onnxruntime's Winograd convolutions, None = on the CPU provider)."""
     path = Path(path)
     kind = resolve_backend(path, backend)
     if kind == "torch":
@@ -44,7 +46,7 @@ def load_backend(path: str | Path, backend: str = "auto", *, device: str = "cpu"
     if kind == "onnxruntime":
         from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(path, intra_op_threads=threads, providers=providers or None)
+        return OnnxRuntimeBackend(path, intra_op_threads=threads, providers=providers or None, winograd=winograd)
     from runtime.backends.tensorrt_backend import TensorRTBackend
 
     return TensorRTBackend(path)

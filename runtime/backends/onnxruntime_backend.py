@@ -70,7 +70,11 @@ class OnnxRuntimeBackend(GraphMetadataMixin):
         inter_op_threads: int | None = None,
         graph_optimization: str = "all",
         profile_prefix: str | None = None,
+        winograd: bool | None = None,
     ):
+        """winograd: compute the graph's large 3x3 convolutions by Winograd F(4x4, 3x3)
+        (runtime/backends/winograd.py), rewritten in memory as the session loads; None = where it pays,
+        when the CPU execution provider runs the graph. The file is not changed."""
         ort = _import_ort()
         opts = ort.SessionOptions()
         if intra_op_threads is not None:
@@ -85,7 +89,13 @@ class OnnxRuntimeBackend(GraphMetadataMixin):
             opts.profile_file_prefix = profile_prefix
         self.path = Path(path)
         self.providers = resolve_providers(providers)
-        self.session = ort.InferenceSession(str(self.path), opts, providers=self.providers)
+        if winograd is None:
+            winograd = self.providers[:1] == ["CPUExecutionProvider"]
+        self.winograd_convs = 0  # convolutions the session computes by Winograd's F(4x4, 3x3)
+        source: str | bytes = str(self.path)
+        if winograd:
+            source, self.winograd_convs = _winograd_bytes(self.path)
+        self.session = ort.InferenceSession(source, opts, providers=self.providers)
         self.metadata = GraphMetadata.from_props(self.session.get_modelmeta().custom_metadata_map)
         self.output_names = [o.name for o in self.session.get_outputs()]
         check_output_names(self.output_names, with_nms=self.metadata.with_nms)
@@ -114,6 +124,19 @@ class OnnxRuntimeBackend(GraphMetadataMixin):
     def end_profiling(self) -> str:
         """Stop profiling (profile_prefix was given); returns the JSON trace's path."""
         return self.session.end_profiling()
+
+
+def _winograd_bytes(path: Path) -> tuple[str | bytes, int]:
+    """The graph at `path` with its eligible convolutions rewritten (serialized), or the path itself
+    when none is eligible or the result would pass protobuf's 2 GB limit."""
+    import onnx
+
+    from runtime.backends.winograd import winograd_convs
+
+    model, count = winograd_convs(onnx.load_model(str(path)))
+    if not count or model.ByteSize() >= 2**31 - 2**24:
+        return str(path), 0
+    return model.SerializeToString(), count
 
 
 def nms_outputs_to_raw(boxes: Tensor, scores: Tensor, labels: Tensor, num_detections: Tensor, *,

@@ -29,7 +29,10 @@ def r50_onnx(r50_parity):
     return path, net.config
 
 
-def test_onnxruntime_batch_of_three_sizes_gives_torchvision_detections(r50_onnx):
+@pytest.mark.parametrize("winograd", [False, True], ids=["direct", "winograd"])
+def test_onnxruntime_batch_of_three_sizes_gives_torchvision_detections(r50_onnx, winograd):
+    """Both ways onnxruntime runs the graph's convolutions: as the file says, and with the large 3x3
+    ones by Winograd F(4x4, 3x3) (the CPU default, runtime/backends/winograd.py)."""
     from safetensors.torch import load_file
 
     from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
@@ -41,7 +44,10 @@ def test_onnxruntime_batch_of_three_sizes_gives_torchvision_detections(r50_onnx)
     assert len({tuple(s) for s in batch.image_sizes.tolist()}) == 3  # three sizes in one padded batch
     for name, size in zip(NAMES, batch.image_sizes, strict=True):
         assert size.tolist() == golden[f"{name}/image_size"].tolist()
-    raw = OnnxRuntimeBackend(path, intra_op_threads=2)(batch.images, batch.image_sizes)
+    backend = OnnxRuntimeBackend(path, intra_op_threads=2, winograd=winograd)
+    # R50-FPN: layer2-4's stride-1 3x3 convs (3 + 5 + 2), FPN's 4 output convs, the RPN conv at 5 levels
+    assert backend.winograd_convs == (19 if winograd else 0)
+    raw = backend(batch.images, batch.image_sizes)
     rh = cfg.roi_heads
     ours = postprocess(raw, batch.image_sizes, batch.original_sizes, score_thresh=rh.score_thresh,
                        nms_thresh=rh.nms_thresh, detections_per_img=rh.detections_per_img, min_size=rh.min_size)

@@ -1,0 +1,228 @@
+"""Winograd F(4x4, 3x3) for onnxruntime's CPU convolutions: a graph rewrite done when a session loads.
+
+    model, n = winograd_convs(onnx.load("model.onnx"))   # n 3x3 convolutions rewritten, in a copy
+
+A 3x3 stride-1 convolution of C -> K channels costs 9*C*K multiplies per output pixel. Winograd's
+minimal filtering F(4x4, 3x3) computes each 4x4 tile of the output from the 6x6 input tile around it
+with 36*C*K multiplies, 2.25 per pixel: 4x fewer. In fp32, with every transform in fp32 and the
+filter transform computed in float64 once, outputs differ from the direct convolution by about 1e-5
+relative (direct: about 1e-6). onnxruntime's CPU kernels already run the direct convolution near this
+CPU's GEMM peak, so fewer multiplies is the only way left to make an fp32 graph faster.
+
+The rewrite uses standard ONNX ops only, so any runtime could run it; it pays where the GEMM is the
+bottleneck (onnxruntime on a CPU). The exported file is never changed: TensorRT and cuDNN choose their
+own convolution algorithms, so they get the plain graph.
+
+Shape shorthand: N images, C input and K output channels, H, W the map, n = 6 (input tile side),
+m = 4 (output tile side), P = n*n = 36 tile positions, Ht = ceil(H / 4), Wt = ceil(W / 4), T = Ht*Wt.
+
+Per convolution (X: (N, C, H, W) -> Y: (N, K, H, W)):
+  1. input transform:  a Conv with one input channel over (1, 1, N*C, H, W), 6x6 kernels (B^T d B for
+     each of the P positions), stride 4 -> V (1, P, N*C, Ht, Wt), already position-major for step 2;
+  2. the products:     MatMul(U (P, 1, K, C), V (P, N, C, T)) -> M (P, N, K, T), P GEMMs;
+  3. output transform: M to (N*K, P, Ht, Wt) and a ConvTranspose with 4x4 kernels (A^T m A), stride 4
+     -> (N*K, 1, 4*Ht, 4*Wt), cropped to H, W, plus the bias.
+Measured alone on 2 Zen 4 cores (onnxruntime 1.32, 256 -> 256 channels): 0.60x the direct Conv's time
+at 152x200, 0.74x at 76x100 and 38x50, 1.15x at 19x25; 64 -> 64 at 152x200 1.18x. Hence the channel
+floor below; the small maps of the coarsest FPN levels lose about 1 ms in all.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+M_OUT = 4  # output tile side
+KERNEL = 3
+N_IN = M_OUT + KERNEL - 1  # input tile side, 6
+POSITIONS = N_IN * N_IN  # 36
+# Toom-Cook interpolation points (plus the point at infinity): the usual choice for F(4, 3), whose
+# transforms have small integer entries; (0, +-1, +-1/2) measured the same error here
+POINTS = (0.0, 1.0, -1.0, 2.0, -2.0)
+MIN_CHANNELS = 128  # C and K both at least this: below, the transforms cost more than the GEMMs save
+
+
+@functools.cache
+def transforms() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """F(4, 3) in float64: A^T (m, n), G (n, r), B^T (n, n), with for any d (n,) and g (r,)
+    A^T ((G g) * (B^T d)) = the correlation y_i = sum_k d[i + k] g[k], i < m.
+
+    A^T evaluates the product polynomial at the points (and takes its leading coefficient for the
+    point at infinity), G evaluates the filter polynomial with Lagrange's denominators folded in, and
+    B^T is the one matrix that makes the identity hold: it is linear in B^T, so solved exactly."""
+    m, r, n = M_OUT, KERNEL, N_IN
+    a = np.asarray(POINTS, np.float64)
+    at = np.zeros((m, n))
+    g = np.zeros((n, r))
+    for j, p in enumerate(a):
+        at[:, j] = p ** np.arange(m)
+        g[j] = p ** np.arange(r) / np.prod([p - q for q in a if q != p])
+    at[m - 1, n - 1] = 1.0
+    g[n - 1, r - 1] = 1.0
+    # sum_j AT[i, j] G[j, k] BT[j, l] = [l == i + k] for all i, k, l: m*r*n equations in n*n unknowns
+    eqs = np.zeros((m, r, n, n, n))
+    rhs = np.zeros((m, r, n))
+    for i in range(m):
+        for k in range(r):
+            rhs[i, k, i + k] = 1.0
+            for l in range(n):
+                eqs[i, k, l, :, l] = at[i] * g[:, k]
+    bt, *_ = np.linalg.lstsq(eqs.reshape(m * r * n, n * n), rhs.reshape(-1), rcond=None)
+    bt = bt.reshape(n, n)
+    residual = np.abs(eqs.reshape(m * r * n, n * n) @ bt.reshape(-1) - rhs.reshape(-1)).max()
+    if residual > 1e-9:
+        raise ArithmeticError(f"Winograd F({m}, {r}) transforms inconsistent (residual {residual:.1e})")
+    return at, g, bt
+
+
+def filter_transform(weight: np.ndarray) -> np.ndarray:
+    """(K, C, 3, 3) fp32 -> U (P, 1, K, C) fp32: G g G^T per filter, computed in float64."""
+    _, g, _ = transforms()
+    k, c = weight.shape[:2]
+    w = weight.astype(np.float64).reshape(k * c, KERNEL, KERNEL)
+    u = (g @ w @ g.T).reshape(k, c, POSITIONS)  # (K*C, n, n): G g G^T for every filter
+    return np.ascontiguousarray(u.transpose(2, 0, 1)).reshape(POSITIONS, 1, k, c).astype(np.float32)
+
+
+def input_kernels() -> np.ndarray:
+    """(P, 1, 1, n, n): output position (i, j) of the 6x6 tile d is sum_pq B^T[i, p] B^T[j, q] d[p, q]."""
+    _, _, bt = transforms()
+    return np.einsum("ip,jq->ijpq", bt, bt).reshape(POSITIONS, 1, 1, N_IN, N_IN).astype(np.float32)
+
+
+def output_kernels() -> np.ndarray:
+    """(P, 1, m, m) ConvTranspose weights: output pixel (i, j) of a tile is sum_pq A^T[i, p] A^T[j, q] M[p, q]."""
+    at, _, _ = transforms()
+    return np.einsum("ip,jq->pqij", at, at).reshape(POSITIONS, 1, M_OUT, M_OUT).astype(np.float32)
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _eligible(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], min_channels: int) -> bool:
+    """A float32 3x3 Conv, stride 1, dilation 1, one group, padding 1, weights (and bias) constant."""
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return False
+    w = inits.get(node.input[1])
+    if w is None or w.data_type != onnx.TensorProto.FLOAT or list(w.dims[2:]) != [KERNEL, KERNEL]:
+        return False
+    if len(w.dims) != 4 or w.dims[0] < min_channels or w.dims[1] < min_channels:
+        return False
+    if len(node.input) > 2 and node.input[2] and node.input[2] not in inits:
+        return False
+    a = _attrs(node)
+    auto_pad = a.get("auto_pad", b"NOTSET")
+    return (auto_pad in (b"NOTSET", "NOTSET") and list(a.get("pads", [0] * 4)) == [1, 1, 1, 1]
+            and list(a.get("strides", [1, 1])) == [1, 1] and list(a.get("dilations", [1, 1])) == [1, 1]
+            and a.get("group", 1) == 1 and list(a.get("kernel_shape", [KERNEL, KERNEL])) == [KERNEL, KERNEL])
+
+
+class _Builder:
+    """New initializers and nodes for the rewrite, with names that cannot clash with the graph's."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.taken = {i.name for i in graph.initializer} | {v for nd in graph.node for v in nd.output}
+        self.consts: dict[tuple, str] = {}
+
+    def name(self, base: str) -> str:
+        name, i = f"winograd/{base}", 0
+        while name in self.taken:
+            i += 1
+            name = f"winograd/{base}.{i}"
+        self.taken.add(name)
+        return name
+
+    def const(self, key: tuple, make) -> str:
+        """One initializer per key, shared by every rewritten convolution that needs it."""
+        if key not in self.consts:
+            name = self.name("_".join(str(k) for k in key))
+            self.graph.initializer.append(numpy_helper.from_array(make(), name))
+            self.consts[key] = name
+        return self.consts[key]
+
+    def ints(self, *values: int) -> str:
+        return self.const(("i64", *values), lambda: np.asarray(values, np.int64))
+
+
+def _rewrite_one(b: _Builder, node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> list[onnx.NodeProto]:
+    """The nodes that compute `node`'s output the Winograd way (module docstring, steps 1-3)."""
+    x, w_name, y = node.input[0], node.input[1], node.output[0]
+    weight = numpy_helper.to_array(inits[w_name])
+    k, c = weight.shape[:2]
+    u = b.const(("U", w_name), lambda: filter_transform(weight))
+    wb = b.const(("input_kernels",), input_kernels)
+    wa = b.const(("output_kernels",), output_kernels)
+    t = {s: b.name(f"{node.name or y}/{s}") for s in
+         ("x5", "x1", "v5", "vshape", "hwt", "v", "m", "mt", "mshape", "m4", "y4", "y2", "xshape", "hw", "crop")}
+    make = onnx.helper.make_node
+    nodes = [
+        make("Unsqueeze", [x, b.ints(0)], [t["x5"]]),  # (N, C, H, W) -> (1, N, C, H, W)
+        make("Reshape", [t["x5"], b.ints(1, 1, -1, 0, 0)], [t["x1"]]),  # -> (1, 1, N*C, H, W)
+        # padding 1 before; 4 after makes floor((H + 5 - 6) / 4) + 1 = ceil(H / 4) tiles
+        make("Conv", [t["x1"], wb], [t["v5"]], strides=[1, M_OUT, M_OUT], pads=[0, 1, 1, 0, M_OUT, M_OUT]),
+        make("Shape", [t["v5"]], [t["vshape"]]),
+        make("Slice", [t["vshape"], b.ints(3), b.ints(5)], [t["hwt"]]),  # [Ht, Wt]
+        make("Reshape", [t["v5"], b.ints(POSITIONS, -1, c, 0, 0)], [t["v"]]),  # (1, P, N*C, Ht, Wt) -> (P, N, C, Ht, Wt)
+        make("Reshape", [t["v"], b.ints(0, 0, 0, -1)], [t["v"] + "/flat"]),  # -> (P, N, C, T)
+        make("MatMul", [u, t["v"] + "/flat"], [t["m"]]),  # (P, 1, K, C) @ (P, N, C, T) -> (P, N, K, T)
+        make("Transpose", [t["m"]], [t["mt"]], perm=[1, 2, 0, 3]),  # -> (N, K, P, T)
+        make("Concat", [b.ints(-1, POSITIONS), t["hwt"]], [t["mshape"]], axis=0),
+        make("Reshape", [t["mt"], t["mshape"]], [t["m4"]]),  # -> (N*K, P, Ht, Wt)
+        make("ConvTranspose", [t["m4"], wa], [t["y4"]], strides=[M_OUT, M_OUT]),  # -> (N*K, 1, 4Ht, 4Wt)
+        make("Reshape", [t["y4"], b.ints(-1, k, 0, 0)], [t["y2"]]),  # -> (N, K, 4Ht, 4Wt)
+        make("Shape", [x], [t["xshape"]]),
+        make("Slice", [t["xshape"], b.ints(2), b.ints(4)], [t["hw"]]),  # [H, W]
+    ]
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    crop_out = t["crop"] if bias else y
+    nodes.append(make("Slice", [t["y2"], b.ints(0, 0), t["hw"], b.ints(2, 3)], [crop_out]))  # -> (N, K, H, W)
+    if bias:
+        b4 = b.const(("bias", bias), lambda: numpy_helper.to_array(inits[bias]).reshape(1, k, 1, 1))
+        nodes.append(make("Add", [crop_out, b4], [y]))
+    for nd in nodes:
+        nd.name = b.name(f"{node.name or y}/{nd.op_type}")
+    return nodes
+
+
+def winograd_convs(model: onnx.ModelProto, *, min_channels: int = MIN_CHANNELS) -> tuple[onnx.ModelProto, int]:
+    """A copy of `model` with every eligible top-level Conv (_eligible) computed by F(4x4, 3x3), and
+    how many were rewritten. Weights no longer used by any node are dropped."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {i.name: i for i in graph.initializer}
+    b = _Builder(graph)
+    nodes, count = [], 0
+    for node in graph.node:
+        if _eligible(node, inits, min_channels):
+            nodes += _rewrite_one(b, node, inits)
+            count += 1
+        else:
+            nodes.append(node)
+    if not count:
+        return out, 0
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for nd in graph.node for name in nd.input}
+    used |= {o.name for o in graph.output}
+    used |= _subgraph_inputs(graph)
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return out, count
+
+
+def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
+    """Names that If/Loop/Scan bodies read from the outer scope (they must not be dropped)."""
+    names: set[str] = set()
+    for nd in graph.node:
+        for a in nd.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= {i for sub in g.node for i in sub.input}
+                names |= _subgraph_inputs(g)
+    return names
