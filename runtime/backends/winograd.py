@@ -62,14 +62,14 @@ def transforms() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         g[j] = p ** np.arange(r) / np.prod([p - q for q in a if q != p])
     at[m - 1, n - 1] = 1.0
     g[n - 1, r - 1] = 1.0
-    # sum_j AT[i, j] G[j, k] BT[j, l] = [l == i + k] for all i, k, l: m*r*n equations in n*n unknowns
+    # sum_j AT[i, j] G[j, k] BT[j, q] = [q == i + k] for all i, k, q: m*r*n equations in n*n unknowns
     eqs = np.zeros((m, r, n, n, n))
     rhs = np.zeros((m, r, n))
     for i in range(m):
         for k in range(r):
             rhs[i, k, i + k] = 1.0
-            for l in range(n):
-                eqs[i, k, l, :, l] = at[i] * g[:, k]
+            for q in range(n):
+                eqs[i, k, q, :, q] = at[i] * g[:, k]
     bt, *_ = np.linalg.lstsq(eqs.reshape(m * r * n, n * n), rhs.reshape(-1), rcond=None)
     bt = bt.reshape(n, n)
     residual = np.abs(eqs.reshape(m * r * n, n * n) @ bt.reshape(-1) - rhs.reshape(-1)).max()
