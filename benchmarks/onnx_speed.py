@@ -10,14 +10,19 @@ stand-in, since no pretrained weights can be downloaded here) at 600/1000 on the
 one image per call, end to end (preprocess, network, postprocess: what torchvision's net([img])
 does). Variants:
   torchvision   fasterrcnn_resnet50_fpn eager, in the reference venv (.refvenv, `make refvenv`)
-  ort-fp32      the exported graph (export.onnx_export.build_graph) through runtime.Pipeline
+  ort-fp32      the exported graph (export.onnx_export.build_graph) through runtime.Pipeline, as
+                the server runs it on a CPU: large 3x3 convolutions by Winograd F(4x4, 3x3)
+                (runtime/backends/winograd.py)
+  ort-fp32-direct  the same graph with every convolution direct, as the file says (--no-winograd)
   ort-int8      the same graph through export.precision (what `export onnx --precision int8` runs),
                 calibrated on 16 other COCO128 photos
 They run interleaved image by image, each keeping its best of --repeats per image, so load from
 other processes hits them alike; a variant's repeats run back to back (warm, as a server runs its
-model), or with --cold alternating with the other variants on every run. Beside them: the fp32 run's achieved GFLOP/s (the model's
-FLOPs per image, counted by torch's FlopCounterMode at each image's padded size) and this machine's
-fp32 GEMM peak (a torch matmul timed in the same run).
+model), or with --cold alternating with the other variants on every run. Beside them: the direct
+fp32 run's achieved GFLOP/s (the model's FLOPs per image, counted by torch's FlopCounterMode at each
+image's padded size), the Winograd run's direct-equivalent GFLOP/s (the same FLOPs over its time: it
+does fewer multiplies, so this can pass the peak), and this machine's fp32 GEMM peak (a torch matmul
+timed in the same run).
 
 AP (--ap-checkpoint): a checkpoint trained on SyntheticShapes, its val split (real ground truth),
 torch fp32 vs ONNX fp32 / fp16 / int8 (int8 calibrated on its train split), the same postprocess.
@@ -189,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     int8 = to_precision(fp32, "int8", feeds=calibration_feeds(ref, [load_image(p) for p in calib_paths]))
     onnx.save_model(int8, str(work / "model.int8.onnx"))
     pipes = {"ort-fp32": Pipeline.load(work / "model.onnx", threads=args.threads),
+             "ort-fp32-direct": Pipeline.load(work / "model.onnx", threads=args.threads, winograd=False),
              "ort-int8": Pipeline.load(work / "model.int8.onnx", threads=args.threads)}
+    results["winograd_convs"] = {name: p.backend.winograd_convs for name, p in pipes.items()}
 
     dets: dict[str, dict] = {name: {} for name in pipes}
 
@@ -219,16 +226,20 @@ def main(argv: list[str] | None = None) -> int:
     # int8 against fp32 (the fp32 graph gives the checkpoint's detections) at each precision's gate rule
     from export.verify import GATES, MatchRule, match_rate
 
-    a, b = [dets["ort-fp32"][p] for p in test_paths], [dets["ort-int8"][p] for p in test_paths]
     rh = meta.config.roi_heads
-    results["int8_vs_fp32_match_rate"] = {
-        f"iou>={g.iou},score+-{g.score_tol} ({name} rule)": round(match_rate(a, b, MatchRule(
+
+    def rates(x: str, y: str) -> dict:
+        a, b = [dets[x][p] for p in test_paths], [dets[y][p] for p in test_paths]
+        return {f"iou>={g.iou},score+-{g.score_tol} ({name} rule)": round(match_rate(a, b, MatchRule(
             iou=g.iou, score_tol=g.score_tol, nms_iou=rh.nms_thresh, score_threshold=rh.score_thresh,
             max_detections=rh.detections_per_img)), 3) for name, g in GATES.items()}
+
+    results["int8_vs_fp32_match_rate"] = rates("ort-fp32-direct", "ort-int8")
+    results["fp32_winograd_vs_direct_match_rate"] = rates("ort-fp32-direct", "ort-fp32")
     gflop = model_gflop(net, ref, [images[p] for p in test_paths])
-    per_image = results["s_per_image"]["ort-fp32"]
     results["fp32_gflop_per_image"] = [round(g, 1) for g in gflop]
-    results["fp32_achieved_gflops"] = round(sum(gflop) / sum(per_image), 1)
+    results["fp32_achieved_gflops"] = round(sum(gflop) / sum(results["s_per_image"]["ort-fp32-direct"]), 1)
+    results["fp32_winograd_direct_equivalent_gflops"] = round(sum(gflop) / sum(results["s_per_image"]["ort-fp32"]), 1)
     results["int8_effective_gflops"] = round(sum(gflop) / sum(results["s_per_image"]["ort-int8"]), 1)
     results["fp32_matmul_peak_gflops"] = round(matmul_peak_gflops(args.threads), 1)
     if args.ap_checkpoint:

@@ -96,6 +96,7 @@ class OnnxRuntimeBackend(GraphMetadataMixin):
         if winograd:
             source, self.winograd_convs = _winograd_bytes(self.path)
         self.session = ort.InferenceSession(source, opts, providers=self.providers)
+        del source  # the serialized graph (300 MB for R50-FPN): the session has its own copy
         self.metadata = GraphMetadata.from_props(self.session.get_modelmeta().custom_metadata_map)
         self.output_names = [o.name for o in self.session.get_outputs()]
         check_output_names(self.output_names, with_nms=self.metadata.with_nms)
@@ -133,7 +134,8 @@ def _winograd_bytes(path: Path) -> tuple[str | bytes, int]:
 
     from runtime.backends.winograd import winograd_convs
 
-    model, count = winograd_convs(onnx.load_model(str(path)))
+    model = onnx.load_model(str(path))
+    count = winograd_convs(model)
     if not count or model.ByteSize() >= 2**31 - 2**24:
         return str(path), 0
     return model.SerializeToString(), count

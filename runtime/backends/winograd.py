@@ -1,6 +1,7 @@
 """Winograd F(4x4, 3x3) for onnxruntime's CPU convolutions: a graph rewrite done when a session loads.
 
-    model, n = winograd_convs(onnx.load("model.onnx"))   # n 3x3 convolutions rewritten, in a copy
+    model = onnx.load("model.onnx")
+    n = winograd_convs(model)   # rewritten in place: n 3x3 convolutions
 
 A 3x3 stride-1 convolution of C -> K channels costs 9*C*K multiplies per output pixel. Winograd's
 minimal filtering F(4x4, 3x3) computes each 4x4 tile of the output from the 6x6 input tile around it
@@ -189,12 +190,10 @@ def _rewrite_one(b: _Builder, node: onnx.NodeProto, inits: dict[str, onnx.Tensor
     return nodes
 
 
-def winograd_convs(model: onnx.ModelProto, *, min_channels: int = MIN_CHANNELS) -> tuple[onnx.ModelProto, int]:
-    """A copy of `model` with every eligible top-level Conv (_eligible) computed by F(4x4, 3x3), and
-    how many were rewritten. Weights no longer used by any node are dropped."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
+def winograd_convs(model: onnx.ModelProto, *, min_channels: int = MIN_CHANNELS) -> int:
+    """Rewrite, in place, every eligible top-level Conv of `model` (_eligible) to F(4x4, 3x3); returns
+    how many. Weights no longer used by any node are dropped. (In place: an R50-FPN graph is 169 MB.)"""
+    graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     b = _Builder(graph)
     nodes, count = [], 0
@@ -205,7 +204,7 @@ def winograd_convs(model: onnx.ModelProto, *, min_channels: int = MIN_CHANNELS) 
         else:
             nodes.append(node)
     if not count:
-        return out, 0
+        return 0
     del graph.node[:]
     graph.node.extend(nodes)
     used = {name for nd in graph.node for name in nd.input}
@@ -214,7 +213,7 @@ def winograd_convs(model: onnx.ModelProto, *, min_channels: int = MIN_CHANNELS) 
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    return out, count
+    return count
 
 
 def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
