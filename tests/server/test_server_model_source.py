@@ -70,3 +70,20 @@ def test_device_and_providers_reach_the_backend(tiny_checkpoint, r50_parity_onnx
             model_source.load_pipeline(_settings(model=tiny_checkpoint, device="cuda"))
     with pytest.raises(ValueError, match="device"):
         _settings(device="gpu")  # cpu, cuda or cuda:N only
+
+
+def test_winograd_setting_reaches_the_onnxruntime_backend(r50_parity_onnx, monkeypatch, caplog):
+    """On the CPU provider R50-FPN's 19 large 3x3 convolutions run by Winograd F(4x4, 3x3) unless
+    FRCNN_WINOGRAD=false / --no-winograd asks for the direct convolution; the log line says which."""
+    from server.__main__ import parse_settings
+
+    assert parse_settings([]).winograd is True
+    assert parse_settings(["--no-winograd"]).winograd is False
+    monkeypatch.setenv("FRCNN_WINOGRAD", "false")
+    assert Settings(_env_file=None).winograd is False
+    monkeypatch.delenv("FRCNN_WINOGRAD")
+    with caplog.at_level(logging.INFO, logger="server.model_source"):
+        on = model_source.load_pipeline(_settings(model=r50_parity_onnx, providers=["cpu"], threads=1))
+    assert on.backend.winograd_convs == 19 and "Winograd F(4x4, 3x3) on 19 convolutions" in caplog.text
+    off = model_source.load_pipeline(_settings(model=r50_parity_onnx, winograd=False, threads=1))
+    assert off.backend.winograd_convs == 0
