@@ -83,9 +83,9 @@ def filter_transform(weight: np.ndarray) -> np.ndarray:
     """(K, C, 3, 3) fp32 -> U (P, 1, K, C) fp32: G g G^T per filter, computed in float64."""
     _, g, _ = transforms()
     k, c = weight.shape[:2]
-    w = weight.astype(np.float64).reshape(k * c, KERNEL, KERNEL)
-    u = (g @ w @ g.T).reshape(k, c, POSITIONS)  # (K*C, n, n): G g G^T for every filter
-    return np.ascontiguousarray(u.transpose(2, 0, 1)).reshape(POSITIONS, 1, k, c).astype(np.float32)
+    w = weight.reshape(k * c, KERNEL * KERNEL).T.astype(np.float64)  # (9, K*C)
+    u = np.kron(g, g) @ w  # (P, 9) @ (9, K*C): row i*n + j is sum_ab G[i, a] G[j, b] g[a, b]
+    return u.astype(np.float32).reshape(POSITIONS, 1, k, c)
 
 
 def input_kernels() -> np.ndarray:
@@ -210,9 +210,9 @@ def winograd_convs(model: onnx.ModelProto, *, min_channels: int = MIN_CHANNELS) 
     used = {name for nd in graph.node for name in nd.input}
     used |= {o.name for o in graph.output}
     used |= _subgraph_inputs(graph)
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    for i in reversed(range(len(graph.initializer))):  # in place: the kept weights are not copied
+        if graph.initializer[i].name not in used:
+            del graph.initializer[i]
     return count
 
 

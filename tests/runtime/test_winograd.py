@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.backends.winograd import M_OUT, N_IN, transforms, winograd_convs
+from runtime.backends.winograd import M_OUT, N_IN, filter_transform, transforms, winograd_convs
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -21,6 +21,9 @@ def test_transforms_compute_the_correlation_exactly_in_float64():
         d, w = rng.standard_normal(N_IN), rng.standard_normal(3)
         want = np.array([d[i:i + 3] @ w for i in range(M_OUT)])
         np.testing.assert_allclose(at @ ((g @ w) * (bt @ d)), want, rtol=0, atol=1e-12)
+    w = rng.standard_normal((8, 5, 3, 3)).astype(np.float32)
+    u = np.einsum("ia,kcab,jb->ijkc", g, w.astype(np.float64), g).reshape(36, 1, 8, 5)  # G g G^T by definition
+    np.testing.assert_allclose(filter_transform(w), u, rtol=1e-6, atol=1e-7)
     # the usual F(4, 3) input transform (Lavin and Gray) for points 0, +-1, +-2
     assert np.allclose(bt[0], [4, 0, -5, 0, 1, 0]) and np.allclose(bt[5], [0, 4, 0, -5, 0, 1])
 
