@@ -76,7 +76,7 @@ def test_rewritten_convs_match_the_direct_conv_at_odd_sizes_and_batches():
     model = _conv_model([{"out": 128, **P1}, {"out": 160, **P1, "bias": False}, {"out": 128, **P1}], c_in=128)
     rewritten, count = _rewritten(model)
     assert count == 3
-    assert "Conv" in _ops(rewritten) and "ConvTranspose" in _ops(rewritten)
+    assert "Conv" in _ops(rewritten) and "DepthToSpace" in _ops(rewritten)
     assert not any(n.op_type == "Conv" and n.input[1] in ("w0", "w1", "w2") for n in rewritten.graph.node)
     assert {i.name for i in rewritten.graph.initializer}.isdisjoint({"w0", "w1", "w2"})  # unused: dropped
     direct, wino = _session(model), _session(rewritten)
