@@ -24,9 +24,10 @@ Per convolution (X: (N, C, H, W) -> Y: (N, K, H, W)):
   3. output transform: one MatMul (A^T m A for every tile: (16, P) @ (P, N*K*T)), each image's 16
      maps side by side, DepthToSpace puts every tile's 4x4 pixels in place -> (N, K, 4*Ht, 4*Wt),
      cropped to H, W, plus the bias.
-Measured alone on 2 Zen 4 cores (onnxruntime 1.32, 256 -> 256 channels): 0.60x the direct Conv's time
-at 152x200, 0.74x at 76x100 and 38x50, 1.15x at 19x25; 64 -> 64 at 152x200 1.18x. Hence the channel
-floor below; the small maps of the coarsest FPN levels lose about 1 ms in all.
+Measured alone on 2 Zen 4 cores (onnxruntime 1.32, 256 -> 256 channels; an earlier ConvTranspose output
+transform, which this one beats): 0.60x the direct Conv's time at 152x200, 0.74x at 76x100 and 38x50,
+1.15x at 19x25; 64 -> 64 at 152x200 1.18x. Hence the channel floor below; the small maps of the
+coarsest FPN levels lose about 1 ms in all.
 """
 
 from __future__ import annotations
