@@ -129,7 +129,8 @@ class _Builder:
 
     def __init__(self, graph: onnx.GraphProto):
         self.graph = graph
-        self.taken = {i.name for i in graph.initializer} | {v for nd in graph.node for v in nd.output}
+        self.taken = ({i.name for i in graph.initializer} | {i.name for i in graph.input}
+                      | {v for nd in graph.node for v in nd.output})
         self.consts: dict[tuple, str] = {}
 
     def name(self, base: str) -> str:
@@ -161,7 +162,7 @@ def _rewrite_one(b: _Builder, node: onnx.NodeProto, inits: dict[str, onnx.Tensor
     wb = b.const(("input_kernels",), input_kernels)
     aa = b.const(("output_transform",), output_transform)
     t = {s: b.name(f"{node.name or y}/{s}") for s in
-         ("x5", "x1", "v5", "vshape", "hwt", "v", "m", "m2", "y16", "yshape", "y5", "yt", "dshape", "yd", "y2",
+         ("x5", "x1", "v5", "vshape", "hwt", "v", "vflat", "m", "m2", "y16", "yshape", "y5", "yt", "dshape", "yd", "y2",
           "xshape", "hw", "crop")}
     make = onnx.helper.make_node
     nodes = [
@@ -172,8 +173,8 @@ def _rewrite_one(b: _Builder, node: onnx.NodeProto, inits: dict[str, onnx.Tensor
         make("Shape", [t["v5"]], [t["vshape"]]),
         make("Slice", [t["vshape"], b.ints(3), b.ints(5)], [t["hwt"]]),  # [Ht, Wt]
         make("Reshape", [t["v5"], b.ints(POSITIONS, -1, c, 0, 0)], [t["v"]]),  # (1, P, N*C, Ht, Wt) -> (P, N, C, Ht, Wt)
-        make("Reshape", [t["v"], b.ints(0, 0, 0, -1)], [t["v"] + "/flat"]),  # -> (P, N, C, T)
-        make("MatMul", [u, t["v"] + "/flat"], [t["m"]]),  # (P, 1, K, C) @ (P, N, C, T) -> (P, N, K, T)
+        make("Reshape", [t["v"], b.ints(0, 0, 0, -1)], [t["vflat"]]),  # -> (P, N, C, T)
+        make("MatMul", [u, t["vflat"]], [t["m"]]),  # (P, 1, K, C) @ (P, N, C, T) -> (P, N, K, T)
         make("Reshape", [t["m"], b.ints(POSITIONS, -1)], [t["m2"]]),  # -> (P, N*K*T)
         make("MatMul", [aa, t["m2"]], [t["y16"]]),  # (m*m, P) @ (P, N*K*T) -> (m*m, N*K*T)
         make("Concat", [b.ints(M_OUT * M_OUT, -1, k), t["hwt"]], [t["yshape"]], axis=0),
