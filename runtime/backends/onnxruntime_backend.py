@@ -134,7 +134,10 @@ def _winograd_bytes(path: Path) -> tuple[str | bytes, int]:
 
     from runtime.backends.winograd import winograd_convs
 
-    model = onnx.load_model(str(path))
+    try:
+        model = onnx.load_model(str(path))
+    except Exception:  # not a readable graph: onnxruntime's own error, raised next, says why
+        return str(path), 0
     count = winograd_convs(model)
     if not count or model.ByteSize() >= 2**31 - 2**24:
         return str(path), 0
