@@ -12,6 +12,9 @@ Why it equals torch to the bit:
   t = fma(x0, ww0, x1 * ww1) interpolates along the width, and each source coordinate as
   fma(scale, dst + 0.5, -0.5) in float32. The kernel does the same with LLVM's fma: along the
   width once per source row, then along the height.
+torch's route, and so this pass, is the same at every intra-op thread count: model.transform.resize
+sends each channel through as a one-channel image, since a three-channel one takes another route at
+one thread (a server on --threads 1 once fell back to torch's path because the check failed there).
 For outputs under 64 x 64 pixels torch takes another route whose roundings differ (measured: every
 mismatch in 700 random size pairs had h' w' < 3822, none of 400 at or above 4096); those stay on
 torch's path (MIN_PIXELS). Whether this torch build computes the rest as above is checked at first

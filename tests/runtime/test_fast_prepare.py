@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.config import TransformConfig
-from model.transform import normalize_resize, pad_batch, resized_size
+from model.transform import normalize_resize, pad_batch, resize, resized_size
 from runtime import fast_prepare
 from runtime.images import load_image
 from runtime.pipeline import padded_size
@@ -87,3 +87,40 @@ def test_small_outputs_stay_on_torch():
     pipe = Pipeline(backend=None, config=cfg, class_names=["bg"], model_name="t")
     p = pipe.prepare(img)
     np.testing.assert_array_equal(pipe.collate([p]).images[0].numpy(), _torch_padded(img, cfg.transform).numpy())
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_torch_resize_is_the_same_at_one_thread(shared_data):
+    """torch's own (1, 3, h, w) bilinear rounds differently at one intra-op thread (about half the
+    pixels); model.transform.resize must not, so neither path's answer depends on the thread count."""
+    img = load_image(sorted((shared_data / "coco128" / "train2017").glob("*.jpg"))[0].read_bytes())
+    x = torch.from_numpy(img).permute(2, 0, 1).float().div(255)
+    size = resized_size(*img.shape[:2], 600, 1000)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = resize(x, size)
+        torch.set_num_threads(1)
+        one = resize(x, size)
+        plain_one = torch.nn.functional.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    assert not torch.equal(plain_one, two)  # the route this avoids does differ here: the check can fail
+
+
+def test_fast_path_equals_torch_at_one_thread(shared_data, one_thread):
+    """A server pinned to one torch thread (--threads 1) keeps the compiled pass: the self-check
+    passes there, and the pass equals torch's path on real photos."""
+    assert fast_prepare._self_check()
+    for p in sorted((shared_data / "coco128" / "train2017").glob("*.jpg"))[:6]:
+        img = load_image(p.read_bytes())
+        np.testing.assert_array_equal(_fast(img, TransformConfig()), _torch_padded(img, TransformConfig()).numpy(),
+                                      err_msg=str(p))
