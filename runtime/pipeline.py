@@ -25,7 +25,7 @@ import torch
 from model.config import ModelConfig
 from model.postprocess import Detections, RawDetections, postprocess
 from model.transform import ImageBatch, normalize_resize, pad_batch, resized_size
-from runtime import fast_prepare
+from runtime import fast_post, fast_prepare
 from runtime.backends import load_backend
 
 
@@ -177,15 +177,18 @@ class Pipeline:
         if len(options) != n:
             raise ValueError(f"{len(options)} option sets for {n} images")
         rh = self.config.roi_heads
+        args = dict(score_thresh=[o.score_threshold for o in options], nms_thresh=rh.nms_thresh,
+                    detections_per_img=[o.max_detections for o in options], min_size=rh.min_size,
+                    classes=[None if o.classes is None else torch.tensor(sorted(o.classes), dtype=torch.int64)
+                             for o in options])
+        # a served image's few hundred candidates at most: numpy, the same detections to the bit
+        fast = fast_post.postprocess(raw, batch.image_sizes, batch.original_sizes, **args)
+        if fast is not None:
+            return fast
         # inference_mode: about 0.1 ms less dispatch per call than plain autograd-enabled ops (the
         # outputs are inference tensors, as the torch backend's raw outputs already are)
         with torch.inference_mode():
-            return postprocess(raw, batch.image_sizes, batch.original_sizes,
-                               score_thresh=[o.score_threshold for o in options], nms_thresh=rh.nms_thresh,
-                               detections_per_img=[o.max_detections for o in options], min_size=rh.min_size,
-                               classes=[None if o.classes is None else torch.tensor(sorted(o.classes),
-                                                                                   dtype=torch.int64)
-                                        for o in options])
+            return postprocess(raw, batch.image_sizes, batch.original_sizes, **args)
 
     def run(self, items: list[PreparedImage], options: PostOptions | list[PostOptions] | None = None
             ) -> list[Detections]:
