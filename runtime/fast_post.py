@@ -44,7 +44,7 @@ def postprocess(raw: RawDetections, image_sizes: torch.Tensor, original_sizes: t
     scores = raw.scores.detach().numpy()  # (R, C)
     boxes = raw.boxes.detach().numpy()  # (R, C, 4)
     B = int(image_sizes.shape[0])
-    R, C = scores.shape
+    C = scores.shape[1]
     thr = _threshold_below(float(nms_thresh), torch.float32)
     batch_idx = raw.batch_idx.numpy() if B > 1 else None
     sizes = image_sizes.numpy().astype(np.float32)  # (B, 2) (h, w): exact for any image size
@@ -53,17 +53,15 @@ def postprocess(raw: RawDetections, image_sizes: torch.Tensor, original_sizes: t
     for i in range(B):
         rows = slice(None) if B == 1 else np.flatnonzero(batch_idx == i)
         s = scores[rows, 1:].reshape(-1)  # (R_i * (C-1),) row-major: index r * (C-1) + (c-1)
-        wanted = s > np.float32(score_thresh[i])
-        labels_all = None
+        keep = np.flatnonzero(s > np.float32(score_thresh[i]))
+        labels = keep % max(1, C - 1) + 1
         if classes[i] is not None:
-            labels_all = np.tile(np.arange(1, C, dtype=np.int64), s.size // max(1, C - 1))
-            wanted &= np.isin(labels_all, classes[i].numpy())
-        keep = np.flatnonzero(wanted)
+            wanted = np.isin(labels, classes[i].numpy())
+            keep, labels = keep[wanted], labels[wanted]
         if keep.size > MAX_CANDIDATES:
             return None
         s = s[keep]
         b = boxes[rows, 1:].reshape(-1, 4)[keep]  # (N, 4)
-        labels = keep % (C - 1) + 1 if C > 1 else keep
         if not (np.isfinite(s).all() and np.isfinite(b).all()):
             return None  # NaN orders and compares as torch's sort may not: its path decides
         small = (b[:, 2] - b[:, 0] >= np.float32(min_size)) & (b[:, 3] - b[:, 1] >= np.float32(min_size))
