@@ -43,18 +43,36 @@ def _compile(sig, **kw):
             return njit(sig, nogil=True, **kw)(fn)
     return wrap
 
+@_compile(types.float32(_u8_3d, _f32_2d, types.int64, types.int64, types.int64, _i64_1d, _i64_1d, _f32_1d,
+                        _f32_1d))
+def _tap_value(img, lut, y, c, x, c0, c1, l0, l1):  # pragma: no cover - compiled
+    """dst[c, x] of _width_pass for source row y: channel c of source pixels c0[x], c1[x] normalized
+    and interpolated. A tap of weight 0 (an exact odd ratio, the identity) is not read: l0 is then
+    exactly 1 and fma(a, 1, b * 0) is a itself, unless a is 0 (the sign of b * 0 decides the zero's)."""
+    a = lut[c, img[y, c0[x], c]]
+    if l1[x] != 0.0 or a == 0.0:
+        a = _fma(a, l0[x], lut[c, img[y, c1[x], c]] * l1[x])
+    return a
+
 @_compile(types.void(_u8_3d, _f32_2d, types.int64, _i64_1d, _i64_1d, _f32_1d, _f32_1d, _f32_2d, _f32_2d))
 def _width_pass(img, lut, y, c0, c1, l0, l1, row, dst):  # pragma: no cover - compiled
     """dst (3, w') = source row y normalized (row: (3, w) scratch) and interpolated along the width.
     Upscaling reads each source pixel more than once: normalize the row once, then interpolate.
     Downscaling by more than 2 leaves source pixels unread: normalize just the two taps of each
-    output (the same table values either way)."""
+    output (the same table values either way), the three channels of a pixel together."""
     w = img.shape[1]
     ow = c0.shape[0]
     if 2 * ow < w:
-        for c in range(3):
-            for x in range(ow):
-                dst[c, x] = _fma(lut[c, img[y, c0[x], c]], l0[x], lut[c, img[y, c1[x], c]] * l1[x])
+        for x in range(ow):  # _tap_value's arithmetic, written out: a call per value costs 20x
+            p = c0[x]
+            q = c1[x]
+            wp = l0[x]
+            wq = l1[x]
+            for c in range(3):
+                a = lut[c, img[y, p, c]]
+                if wq != 0.0 or a == 0.0:
+                    a = _fma(a, wp, lut[c, img[y, q, c]] * wq)
+                dst[c, x] = a
         return
     for x in range(w):
         for c in range(3):
@@ -88,20 +106,27 @@ def resize_normalize(img, lut, r0, r1, m0, m1, c0, c1, l0, l1, out, blocks):  # 
                 continue
             a = r0[y]
             b = r1[y]
+            wa = m0[y]
+            wb = m1[y]
             if ids[0] != a and ids[1] != a:  # row a into the slot that does not hold b
                 k = 0 if ids[0] != b else 1
                 _width_pass(img, lut, a, c0, c1, l0, l1, row, rows[k])
                 ids[k] = a
+            ka = 0 if ids[0] == a else 1
+            if wb == 0.0 and a != b:  # row b's weight is 0 and wa exactly 1: fma(t, 1, u * 0) is t...
+                for c in range(3):
+                    out[c, y, :ow] = rows[ka, c]
+                    out[c, y, ow:] = 0.0
+                    for x in range(ow):
+                        if out[c, y, x] == 0.0:  # ...unless t is 0: then the sign of u * 0 decides
+                            out[c, y, x] = _fma(out[c, y, x], wa, _tap_value(img, lut, b, c, x, c0, c1, l0, l1) * wb)
+                continue
             if ids[0] != b and ids[1] != b:  # row b into the slot that does not hold a
                 k = 0 if ids[0] != a else 1
                 _width_pass(img, lut, b, c0, c1, l0, l1, row, rows[k])
                 ids[k] = b
-            ka = 0 if ids[0] == a else 1
             kb = 0 if ids[0] == b else 1
-            wa = m0[y]
-            wb = m1[y]
             for c in range(3):
                 for x in range(ow):
                     out[c, y, x] = _fma(rows[ka, c, x], wa, rows[kb, c, x] * wb)
                 out[c, y, ow:] = 0.0
-

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.config import TransformConfig
-from model.transform import normalize_resize, pad_batch, resize, resized_size
+from model.transform import normalize, normalize_resize, pad_batch, resize, resized_size
 from runtime import fast_prepare
 from runtime.images import load_image
 from runtime.pipeline import padded_size
@@ -124,3 +124,26 @@ def test_fast_path_equals_torch_at_one_thread(shared_data, one_thread):
         img = load_image(p.read_bytes())
         np.testing.assert_array_equal(_fast(img, TransformConfig()), _torch_padded(img, TransformConfig()).numpy(),
                                       err_msg=str(p))
+
+
+@pytest.mark.parametrize(("hw", "size"), [((480, 640), (160, 213)), ((640, 480), (213, 160)), ((480, 640), (480, 640)),
+                                          ((300, 900), (100, 300))])
+def test_zero_weight_taps_keep_signed_zeros(hw, size):
+    """Exact odd downscales (3x: every row's second tap has weight 0) and the identity skip that tap;
+    where the kept value is 0 the skipped one's sign still decides the zero's sign, as in torch.
+    A mean of exactly 128 / 255 and a negative std make 128 -0 and values below it positive:
+    -0 + (+0) is +0, so dropping the skipped tap outright gives -0 where torch has +0."""
+    img = np.random.default_rng(1).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    img[::2] = 128  # every other row, and in the rows between, every other column: kept taps hit 128
+    img[:, ::2] = 128
+    grey = float(np.float32(128) / np.float32(255))
+    mean, std = (grey, 0.5, 0.0), (-0.25, 0.5, 0.25)
+    padded = (size[0] + 8, size[1] + 8)
+    got = fast_prepare.prepare_padded(img, size, padded, mean, std)
+    x = resize(normalize(torch.from_numpy(img).permute(2, 0, 1), mean, std), size)
+    want = torch.zeros((3, *padded))
+    want[:, :size[0], :size[1]] = x
+    want = want.numpy()
+    assert (want == 0).any() and np.signbit(want[want == 0]).any()  # the case is there: -0 in the answer
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
