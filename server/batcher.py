@@ -349,7 +349,8 @@ class MicroBatcher(Generic[In, Prep, Out]):
         self._running -= 1
         if not self._pending and not self._running:
             self._idle.set()
-        self._wake.set()
+        if self._buckets:  # a freed slot matters to the dispatcher only with images waiting for it
+            self._wake.set()
 
     # -- direct path (decode thread, see the module docstring) -----------------------------------
 
