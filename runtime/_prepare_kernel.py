@@ -119,7 +119,8 @@ def resize_normalize(img, lut, r0, r1, m0, m1, c0, c1, l0, l1, out, blocks):  # 
                     out[c, y, ow:] = 0.0
                     for x in range(ow):
                         if out[c, y, x] == 0.0:  # ...unless t is 0: then the sign of u * 0 decides
-                            out[c, y, x] = _fma(out[c, y, x], wa, _tap_value(img, lut, b, c, x, c0, c1, l0, l1) * wb)
+                            u = _tap_value(img, lut, b, c, x, c0, c1, l0, l1)
+                            out[c, y, x] = _fma(out[c, y, x], wa, u * wb)
                 continue
             if ids[0] != b and ids[1] != b:  # row b into the slot that does not hold a
                 k = 0 if ids[0] != a else 1
