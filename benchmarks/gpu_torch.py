@@ -1,13 +1,19 @@
 """The torch backend on CUDA: R50-FPN at 600/1000, latency at batch 1 and throughput at batch 8 of
 same-size images, fp32 and autocast (bf16, fp16), detections checked against the CPU (not a test).
 
-    python -m benchmarks.gpu_torch [--runs 30] [--json FILE]
+    python -m benchmarks.gpu_torch [--checkpoint DIR] [--runs 30] [--json FILE]
 
-Weights: the converted torchvision R50-FPN with tools/parity_weights.py's stand-in weights (real
-detections on COCO128 photos). Only the backend call is timed (inputs prepared and padded before;
-its outputs are copied back to the host, which synchronizes). Detections: each confident CPU
-detection (score >= 0.3) must have a CUDA twin with the same label, IoU >= 0.9 and a score within
-0.02 (fp32) or 0.05 (bf16/fp16) for >= 90% of them.
+Weights: --checkpoint, an R50-FPN checkpoint directory (torchvision's COCO weights converted:
+`python -m model fetch coco-r50 --out DIR`, which also takes a local file with --url file://...);
+without it, tools/parity_weights.py's stand-in weights (seeded, their detections mean nothing).
+Only the backend call is timed (inputs prepared and padded before; its outputs are copied back to
+the host, which synchronizes). "fp32" is fp32 on the GPU too: TF32 is switched off for it (cuDNN
+convolutions use TF32 by default, a 10-bit mantissa). Detections: each confident CPU detection
+(score >= 0.3) must have a CUDA twin with the same label, IoU >= 0.9 and a score within 0.02 (fp32)
+or 0.05 (bf16/fp16) for >= 90% of them. With the stand-in weights that holds for fp32 only: a
+random network is chaotic under reduced precision (on the CPU, bf16 autocast matched 0-1% of its
+confident fp32 detections, decoding in fp32 or not), so there the autocast modes' agreement is
+reported and not gated; with a real checkpoint every mode is gated.
 
 Needs only torch (>= 2.6), numpy, Pillow, safetensors and this repository: no server packages.
 """
@@ -91,6 +97,7 @@ def matched_fraction(cpu, gpu, score_tol: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_torch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, help="R50-FPN checkpoint dir (default: stand-in weights)")
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -100,33 +107,42 @@ def main(argv: list[str] | None = None) -> int:
     from runtime import Pipeline
 
     tmp = tempfile.TemporaryDirectory()
-    ckpt = r50_checkpoint(Path(tmp.name) / "r50-parity")
+    ckpt = args.checkpoint or r50_checkpoint(Path(tmp.name) / "r50-parity")
     cpu = Pipeline.load(ckpt, backend="torch", device="cpu")
     gpu = Pipeline.load(ckpt, backend="torch", device="cuda")
     items = same_size_photos(cpu, 8)
     one, eight = cpu.collate(items[:1]), cpu.collate(items)
     opts = cpu.options(score_threshold=0.05)
     want = cpu.postprocess(cpu.infer(one), one, opts)[0]
+    stand_in = args.checkpoint is None
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "weights": "stand-in" if stand_in else str(args.checkpoint),
               "padded_size": list(eight.images.shape[-2:]), "runs": args.runs, "modes": {}}
-    print(f"{report['device']}, torch {torch.__version__}, R50-FPN 600/1000, padded {report['padded_size']}")
+    print(f"{report['device']}, torch {torch.__version__}, R50-FPN 600/1000, padded {report['padded_size']}, "
+          f"{report['weights']} weights")
     modes = [("fp32", None, 0.02)]
     if torch.cuda.is_bf16_supported():
         modes.append(("bf16 autocast", torch.bfloat16, 0.05))
     modes.append(("fp16 autocast", torch.float16, 0.05))
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32  # torch's defaults
     for name, dtype, tol in modes:
+        # fp32 means fp32: no TF32 in cuDNN convolutions or matmuls; the autocast modes keep the defaults
+        allow = (False, False) if dtype is None else tf32
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = allow
+        gated = dtype is None or not stand_in
         lat = timed(gpu, one, dtype, args.runs)
         thr = 8 / timed(gpu, eight, dtype, args.runs)
         got = gpu.postprocess(infer(gpu, one, dtype), one, opts)[0]
         frac = matched_fraction(want, got, tol)
         report["modes"][name] = {"latency_batch1_ms": lat * 1e3, "throughput_batch8_img_s": thr,
-                                 "cpu_detections_matched": frac, "score_tol": tol}
+                                 "cpu_detections_matched": frac, "score_tol": tol, "gated": gated}
+        verdict = ("ok" if frac >= 0.9 else "FAIL") if gated else "not gated: stand-in weights"
         print(f"  {name:14s} batch 1: {lat * 1e3:7.2f} ms   batch 8: {thr:7.1f} img/s   "
-              f"CPU detections matched {100 * frac:5.1f}% ({'ok' if frac >= 0.9 else 'FAIL'}, score tol {tol})")
+              f"CPU detections matched {100 * frac:5.1f}% ({verdict}, score tol {tol})")
     tmp.cleanup()
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-    return 0 if all(m["cpu_detections_matched"] >= 0.9 for m in report["modes"].values()) else 1
+    return 0 if all(m["cpu_detections_matched"] >= 0.9 for m in report["modes"].values() if m["gated"]) else 1
 
 
 if __name__ == "__main__":
