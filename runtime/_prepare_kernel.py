@@ -43,17 +43,6 @@ def _compile(sig, **kw):
             return njit(sig, nogil=True, **kw)(fn)
     return wrap
 
-@_compile(types.float32(_u8_3d, _f32_2d, types.int64, types.int64, types.int64, _i64_1d, _i64_1d, _f32_1d,
-                        _f32_1d))
-def _tap_value(img, lut, y, c, x, c0, c1, l0, l1):  # pragma: no cover - compiled
-    """dst[c, x] of _width_pass for source row y: channel c of source pixels c0[x], c1[x] normalized
-    and interpolated. A tap of weight 0 (an exact odd ratio, the identity) is not read: l0 is then
-    exactly 1 and fma(a, 1, b * 0) is a itself, unless a is 0 (the sign of b * 0 decides the zero's)."""
-    a = lut[c, img[y, c0[x], c]]
-    if l1[x] != 0.0 or a == 0.0:
-        a = _fma(a, l0[x], lut[c, img[y, c1[x], c]] * l1[x])
-    return a
-
 @_compile(types.void(_u8_3d, _f32_2d, types.int64, _i64_1d, _i64_1d, _f32_1d, _f32_1d, _f32_2d, _f32_2d))
 def _width_pass(img, lut, y, c0, c1, l0, l1, row, dst):  # pragma: no cover - compiled
     """dst (3, w') = source row y normalized (row: (3, w) scratch) and interpolated along the width.
@@ -63,7 +52,7 @@ def _width_pass(img, lut, y, c0, c1, l0, l1, row, dst):  # pragma: no cover - co
     w = img.shape[1]
     ow = c0.shape[0]
     if 2 * ow < w:
-        for x in range(ow):  # _tap_value's arithmetic, written out: a call per value costs 20x
+        for x in range(ow):  # a tap of weight 0 (l0 is then exactly 1) is read only where a is 0
             p = c0[x]
             q = c1[x]
             wp = l0[x]
@@ -118,9 +107,11 @@ def resize_normalize(img, lut, r0, r1, m0, m1, c0, c1, l0, l1, out, blocks):  # 
                     out[c, y, :ow] = rows[ka, c]
                     out[c, y, ow:] = 0.0
                     for x in range(ow):
-                        if out[c, y, x] == 0.0:  # ...unless t is 0: then the sign of u * 0 decides
-                            u = _tap_value(img, lut, b, c, x, c0, c1, l0, l1)
-                            out[c, y, x] = _fma(out[c, y, x], wa, u * wb)
+                        if out[c, y, x] == 0.0:  # ...unless t is 0: the sign of u * 0 decides, so read row b
+                            if ids[1 - ka] != b:
+                                _width_pass(img, lut, b, c0, c1, l0, l1, row, rows[1 - ka])
+                                ids[1 - ka] = b
+                            out[c, y, x] = _fma(out[c, y, x], wa, rows[1 - ka, c, x] * wb)
                 continue
             if ids[0] != b and ids[1] != b:  # row b into the slot that does not hold a
                 k = 0 if ids[0] != a else 1
