@@ -176,7 +176,8 @@ def test_onnxruntime_cpu_runs_fp16_conv_and_roialign_through_casts():
                              T.FLOAT16) == ["Cast", "Cast", "RoiAlign", "Cast"]
 
 
-def test_int8_export_that_misses_its_gate_exits_1_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+def test_int8_export_that_misses_its_gate_exits_1_and_leaves_nothing(tmp_path, capsys, monkeypatch,
+                                                                     shared_data):
     """A badly calibrated int8 graph (ranges measured on images scaled to 1/1000: every real
     activation saturates) of the shapes-trained demo model misses its gate: one paragraph, exit 1,
     no graph at --out. (The random test model would pass: its boxes hardly depend on the image.)"""

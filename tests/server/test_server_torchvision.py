@@ -40,7 +40,8 @@ def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-def test_two_photos_in_one_request_match_torchvision(r50_checkpoint, make_settings, request, backend):
+def test_two_photos_in_one_request_match_torchvision(shared_data, r50_checkpoint, make_settings, request,
+                                                    backend):
     from safetensors.torch import load_file
 
     model = r50_checkpoint
