@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt -e '.[all]'
 	touch $@
 
+# One test process per core (at most 4); tests that share a session export run in one of them
+# (tests/conftest.py, SHARED_EXPORTS). `$(PY) -m pytest` alone runs the same suite in one process.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
 # A checkpoint directory is exported to ONNX first (only when the cached graph is missing or stale:
 # its metadata records the checkpoint's digest), then served by onnxruntime; a file is served as is.

@@ -7,6 +7,7 @@ that need it take `shared_data` and are skipped, with the reason, where it is ab
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,42 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+# `make test` runs the suite in one process per core (pytest-xdist, --dist loadgroup). A session
+# fixture is built once in every process that needs it, and these are exports (30-120 s each, most of
+# it tracing): the tests that take one run in one process, so that each is built (or traced, see
+# one_trace_per_graph) once. Tests that fetch one with request.getfixturevalue carry the group's
+# xdist_group mark themselves. A fixture name counts only under its directory, when one is given
+# (tests/server has a tiny_checkpoint of its own that nothing exports).
+SHARED_EXPORTS = {
+    "r50-onnx": ("", ("r50_parity_onnx", "r50_parity", "r50_int8_onnx", "r50_fp16_onnx")),
+    "tiny-onnx": ("tests/export/", ("tiny_checkpoint", "tiny_net", "tiny_onnx", "tiny_nms_onnx", "tiny_int8_onnx",
+                                    "tiny_fp16_onnx")),
+}
+
+# OpenMP workers that spin after a parallel region take the core another test process is using.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def export_group(item) -> str | None:
+    """The SHARED_EXPORTS group of a collected test, or None."""
+    names = set(getattr(item, "fixturenames", ()))
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None:  # parametrized by fixture name (request.getfixturevalue(which))
+        names |= {v for v in callspec.params.values() if isinstance(v, str)}
+    for group, (directory, fixtures) in SHARED_EXPORTS.items():
+        if names.intersection(fixtures) and item.nodeid.startswith(directory):
+            return group
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist turns the marks into node id suffixes
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = export_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -42,7 +42,9 @@ def _graph(name: str, request, tmp_path):
     return net, cfg, names, path
 
 
-@pytest.mark.parametrize("name", ["tiny", "resnet50_fpn", "mobilenet_v3_large_fpn", "vgg16_c4"])
+@pytest.mark.parametrize("name", [pytest.param("tiny", marks=pytest.mark.xdist_group("tiny-onnx")),
+                                  pytest.param("resnet50_fpn", marks=pytest.mark.xdist_group("r50-onnx")),
+                                  "mobilenet_v3_large_fpn", "vgg16_c4"])
 def test_preset_exports_and_matches_eager(name, request, tmp_path):
     net, cfg, names, path = _graph(name, request, tmp_path)
     if name == "resnet50_fpn":  # the session's R50 is the preset's architecture, converted from torchvision
