@@ -39,7 +39,8 @@ def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / (area(a)[:, None] + area(b)[None, :] - inter)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("onnxruntime", marks=pytest.mark.xdist_group("r50-onnx")), "torch"])
+@pytest.mark.parametrize("backend", [pytest.param("onnxruntime", marks=pytest.mark.xdist_group("r50-onnx")),
+                                     "torch"])
 def test_two_photos_in_one_request_match_torchvision(shared_data, r50_checkpoint, make_settings, request,
                                                     backend):
     from safetensors.torch import load_file
