@@ -104,18 +104,20 @@ def _check_size(w: int, h: int, max_pixels: int | None) -> None:
 
 
 def load_image(data: bytes | bytearray | memoryview | str | os.PathLike, *,
-               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+               max_pixels: int | None = DEFAULT_MAX_PIXELS, threads: int = 1) -> np.ndarray:
     """Decode `data` (encoded bytes, or a path to a file) to (h, w, 3) uint8 RGB.
 
     Orientation from EXIF is applied, so h, w are the displayed height and width and boxes
     predicted on the result are in the pixels a viewer sees. `max_pixels=None` disables the limit.
+    threads=2: a large baseline JPEG is decoded in two bands at once (runtime.jpeg_bands), for
+    latency on otherwise idle cores; the pixels are the same.
     """
     if isinstance(data, (str, os.PathLike)):
         data = Path(data).read_bytes()
     data = bytes(data)
     img = _open(data, max_pixels)
     with img:
-        fast = _fast_jpeg(img, data)
+        fast = _fast_jpeg(img, data, threads)
         if fast is not None:
             return fast
         try:
@@ -154,13 +156,15 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
     return img
 
 
-def _fast_jpeg(img: Image.Image, data: bytes) -> np.ndarray | None:
+def _fast_jpeg(img: Image.Image, data: bytes, threads: int = 1) -> np.ndarray | None:
     """Baseline/progressive RGB or grey JPEGs without an EXIF rotation, decoded by libjpeg-turbo
     straight into the output array (simplejpeg): one allocation instead of Pillow's three copies.
     Same library and settings as Pillow's decoder (accurate DCT, fancy upsampling), so the pixels
     are identical (tests/runtime/test_images_fast_jpeg.py checks every COCO128 photo). None means:
     take Pillow's path (other modes, rotated, simplejpeg missing, or any libjpeg warning, which
-    Pillow may accept and simplejpeg's strict mode refuses)."""
+    Pillow may accept and simplejpeg's strict mode refuses). threads >= 2: first try two bands at
+    once (runtime.jpeg_bands: the same pixels, checked against simplejpeg at first use), which
+    steps aside the same way."""
     if _simplejpeg is None or img.format != "JPEG" or img.mode not in ("RGB", "L"):
         return None
     try:
@@ -168,6 +172,12 @@ def _fast_jpeg(img: Image.Image, data: bytes) -> np.ndarray | None:
             return None
     except Exception:  # a damaged EXIF block: Pillow's path decides what it means
         return None
+    if threads >= 2 and not img.info.get("progressive"):
+        from runtime import jpeg_bands
+
+        arr = jpeg_bands.decode(data, *img.size)
+        if arr is not None:
+            return arr
     try:
         arr = _simplejpeg.decode_jpeg(data, colorspace="RGB")
     except ValueError:

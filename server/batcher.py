@@ -161,6 +161,12 @@ class MicroBatcher(Generic[In, Prep, Out]):
         """Items accepted and not yet in a backend call (being prepared or waiting for a batch)."""
         return len(self._pending) - self._direct
 
+    def alone(self) -> bool:
+        """From a decode thread: the image being prepared is the only one in the batcher (none
+        other preparing, waiting or in a backend call). Reads loop-owned state unlocked, so it may
+        be a moment stale: a hint for spending spare cores on this image, never for correctness."""
+        return self._preparing == 1 and not self._buckets and not self._running and not self._direct
+
     # -- submit -------------------------------------------------------------------------------
 
     async def submit(self, item: In, *, group: Hashable = None, cost: int = 0) -> Out:

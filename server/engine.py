@@ -123,9 +123,11 @@ class Engine:
 
     # -- decode lanes --------------------------------------------------------------------------
 
-    def prepare(self, job: Job) -> Prepared:
+    def prepare(self, job: Job, *, decode_threads: int = 1) -> Prepared:
+        """decode_threads=2: decode in two bands at once (same pixels; for a server with nothing
+        else to do, see runtime.jpeg_bands)."""
         t0 = time.perf_counter()
-        image = load_image(job.data, max_pixels=self.max_pixels)
+        image = load_image(job.data, max_pixels=self.max_pixels, threads=decode_threads)
         t1 = time.perf_counter()
         item = self.pipe.prepare(image)
         t2 = time.perf_counter()
@@ -195,7 +197,11 @@ class Engine:
 
     def warmup(self, sizes: tuple[tuple[int, int], ...] = ((480, 640),)) -> float:
         """Run the whole path once per size (first calls allocate and tune). Returns seconds."""
+        from runtime import jpeg_bands
+
         t0 = time.perf_counter()
+        log.info("JPEG decoding: %s", "a lone photo in two bands at once (runtime._jpegbands)"
+                 if jpeg_bands.available() else "whole (runtime._jpegbands not built, unchecked or one core)")
         rng = np.random.default_rng(0)
         for size in sizes:
             self.handle([self._synthetic(size, rng)])

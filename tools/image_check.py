@@ -233,11 +233,15 @@ def serve_checks(args: argparse.Namespace) -> dict:
     dn, w = compare(post_photos(url, photos, score_threshold=0.05), host_batch)
     n, worst = n + dn, max(worst, w)
     drained, after_s = drain(proc, url, photos, grace_s=60)
-    assert "Application shutdown complete" in (work / "server-a.log").read_text(), "no graceful shutdown"
+    served_log = (work / "server-a.log").read_text()
+    assert "Application shutdown complete" in served_log, "no graceful shutdown"
+    # the image built runtime/_jpegbands and its libjpeg came along into the runtime stage
+    assert "JPEG decoding: a lone photo in two bands" in served_log, "the image decodes JPEGs whole"
     dn, w = compare(drained, host_batch)
     report.update(compared=n + dn, max_diff=max(worst, w), drain_answer_after_term_s=after_s)
     log(f"/detect: {n + dn} detections on {len(photos)} photos equal to the host's "
-        f"(largest difference {report['max_diff']:.3g}); SIGTERM mid-request answered {after_s:.2f} s later, clean exit")
+        f"(largest difference {report['max_diff']:.3g}), JPEGs decoded in two bands; SIGTERM mid-request "
+        f"answered {after_s:.2f} s later, clean exit")
     cache_dir = [m for m in server["volumeMounts"] if m["mountPath"] == env["EXPORT_CACHE_DIR"]]
     assert cache_dir, "the image's EXPORT_CACHE_DIR is not one of the Deployment's volumes"
     cache_host = host_dirs[cache_dir[0]["name"]]

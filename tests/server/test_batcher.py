@@ -456,3 +456,45 @@ def test_direct_path_never_runs_the_backend_on_the_event_loop():
 
     assert _run(main()) == 25
     assert threads == ["infer_0"]
+
+
+def test_alone_is_true_only_for_a_lone_image_with_nothing_else_in_flight():
+    """What the server asks before decoding an image in two bands (both cores): only when no other
+    image is preparing, waiting for a batch or in a backend call."""
+    seen: dict[int, bool] = {}
+    gate, running = threading.Event(), threading.Event()
+    together = threading.Barrier(2, timeout=5)
+    b: MicroBatcher
+
+    def prepare(x):
+        if x in (2, 3):
+            together.wait()  # both in their decode threads at once
+        seen[x] = b.alone()
+        return x
+
+    def handle(items):
+        running.set()
+        gate.wait(5)
+        return _square_all(items)
+
+    async def main():
+        nonlocal b
+        b = MicroBatcher(prepare=prepare, handle=handle, max_batch_size=4, max_delay_s=0.01, workers=2)
+        await b.start()
+        gate.set()
+        assert await b.submit_nowait(1) == 1  # alone
+        assert await asyncio.gather(b.submit_nowait(2), b.submit_nowait(3)) == [4, 9]  # decoded together
+        gate.clear()
+        running.clear()
+        first = b.submit_nowait(4)
+        await asyncio.to_thread(running.wait, 5)  # 4 is in its backend call
+        second = b.submit_nowait(5)
+        await asyncio.sleep(0.05)
+        gate.set()
+        assert await asyncio.gather(first, second) == [16, 25]
+        await b.stop()
+
+    _run(main())
+    assert seen[1] is True and seen[4] is True
+    assert seen[2] is False and seen[3] is False  # each with the other
+    assert seen[5] is False  # another image in the backend
