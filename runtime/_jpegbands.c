@@ -1,9 +1,10 @@
-/* Decode one band of rows of a JPEG with the libjpeg API (libjpeg-turbo), for runtime/jpeg_bands.py.
+/* Decode rows of a JPEG with the libjpeg API (libjpeg-turbo), for runtime/jpeg_bands.py.
  *
  * Built at install as an optional extension (setup.py) and called through ctypes, which releases
- * the GIL: two threads decode the top and the bottom band of one image at once. The bottom band
- * entropy-decodes the rows above it (jpeg_skip_scanlines: no IDCT, upsampling or colour conversion
- * for them); each band writes only its own rows of `out`.
+ * the GIL: two threads decode the top and the bottom rows of one image at once. The bottom's thread
+ * entropy-decodes the rows above its own (jpeg_skip_scanlines: no IDCT, upsampling or colour
+ * conversion for them); the bottom rows go to whichever thread gets to them first
+ * (jb_decode_top, jb_decode_bottom). Each call writes only rows it decoded into `out`.
  *
  * libjpeg reports errors by calling error_exit, whose default ends the process: here error_exit
  * and every warning longjmp back with the message, so bytes from the network can only produce a
@@ -12,7 +13,8 @@
  *
  * Return codes (JB_* below): 0 decoded; 1 libjpeg error; 2 libjpeg warning; 3 the image is not
  * what the caller was told (size) or decodes to something else than 3 channels; 4 not split here
- * (progressive or multi-scan, or a sampling this file does not take: the caller decodes it whole).
+ * (progressive or multi-scan, or a sampling this file does not take: the caller decodes it whole);
+ * 5 (jb_decode_bottom) the other thread took the bottom rows: nothing written.
  */
 
 #include <setjmp.h>
@@ -27,6 +29,7 @@
 #define JB_WARNING 2
 #define JB_MISMATCH 3
 #define JB_NOT_SPLIT 4
+#define JB_NOT_CLAIMED 5
 
 #define ROWS_PER_CALL 32
 
@@ -69,23 +72,55 @@ static int jb_sampling_ok(const struct jpeg_decompress_struct *cinfo) {
   return 1;
 }
 
+/* After jpeg_read_header: the checks, the output settings, jpeg_start_decompress. JB_OK, or the code
+ * to return. A part of the image (partial) needs a single-scan image of a sampling the split takes. */
+static int jb_start(j_decompress_ptr cinfo, int width, int height, int partial) {
+  if ((long)cinfo->image_width != width || (long)cinfo->image_height != height) return JB_MISMATCH;
+  if (partial && (jpeg_has_multiple_scans(cinfo) || !jb_sampling_ok(cinfo))) return JB_NOT_SPLIT;
+  /* what Pillow's and simplejpeg's decoders use: accurate integer IDCT, fancy upsampling */
+  cinfo->out_color_space = JCS_RGB;
+  cinfo->dct_method = JDCT_ISLOW;
+  cinfo->do_fancy_upsampling = TRUE;
+  jpeg_start_decompress(cinfo);
+  if (cinfo->output_components != 3 || (long)cinfo->output_width != width ||
+      (long)cinfo->output_height != height)
+    return JB_MISMATCH;
+  return JB_OK;
+}
+
+/* Decodes on from output_scanline to row1 into the same rows of out. */
+static int jb_read(j_decompress_ptr cinfo, unsigned char *out, int width, int row1) {
+  JSAMPROW rows[ROWS_PER_CALL];
+  while ((int)cinfo->output_scanline < row1) {
+    int n = row1 - (int)cinfo->output_scanline, i;
+    if (n > ROWS_PER_CALL) n = ROWS_PER_CALL;
+    for (i = 0; i < n; i++)
+      rows[i] = out + ((size_t)cinfo->output_scanline + (size_t)i) * (size_t)width * 3;
+    if (jpeg_read_scanlines(cinfo, rows, (JDIMENSION)n) == 0) return JB_MISMATCH; /* suspended: not from memory */
+  }
+  return JB_OK;
+}
+
+#define JB_SETUP(cinfo, err, msg, msg_len)      \
+  do {                                          \
+    if ((msg) != NULL && (msg_len) > 0) (msg)[0] = '\0'; \
+    (cinfo).err = jpeg_std_error(&(err).pub);   \
+    (err).pub.error_exit = jb_error_exit;       \
+    (err).pub.emit_message = jb_emit_message;   \
+    (err).msg = (msg);                          \
+    (err).msg_len = (msg_len);                  \
+  } while (0)
+
 /* Rows [row0, row1) of the (height, width, 3) uint8 RGB image in `data` into the same rows of
- * `out` (height * width * 3 bytes, C order). 0 <= row0 < row1 <= height. A band that is not the
- * whole image needs a single-scan (baseline or extended sequential) JPEG. */
+ * `out` (height * width * 3 bytes, C order). 0 <= row0 < row1 <= height. */
 int jb_decode_rows(const unsigned char *data, unsigned long size, unsigned char *out, int width,
                    int height, int row0, int row1, char *msg, int msg_len) {
   struct jpeg_decompress_struct cinfo;
   struct jb_error err;
-  JSAMPROW rows[ROWS_PER_CALL];
   int code;
 
-  if (msg != NULL && msg_len > 0) msg[0] = '\0';
   if (width <= 0 || height <= 0 || row0 < 0 || row1 > height || row0 >= row1) return JB_MISMATCH;
-  cinfo.err = jpeg_std_error(&err.pub);
-  err.pub.error_exit = jb_error_exit;
-  err.pub.emit_message = jb_emit_message;
-  err.msg = msg;
-  err.msg_len = msg_len;
+  JB_SETUP(cinfo, err, msg, msg_len);
   code = setjmp(err.jump);
   if (code != 0) {
     jpeg_destroy_decompress(&cinfo);
@@ -94,44 +129,72 @@ int jb_decode_rows(const unsigned char *data, unsigned long size, unsigned char 
   jpeg_create_decompress(&cinfo);
   jpeg_mem_src(&cinfo, data, size);
   jpeg_read_header(&cinfo, TRUE);
-  code = JB_OK;
-  if ((long)cinfo.image_width != width || (long)cinfo.image_height != height)
-    code = JB_MISMATCH;
-  else if ((row0 > 0 || row1 < height) && (jpeg_has_multiple_scans(&cinfo) || !jb_sampling_ok(&cinfo)))
-    code = JB_NOT_SPLIT;
-  if (code != JB_OK) {
+  code = jb_start(&cinfo, width, height, row0 > 0 || row1 < height);
+  if (code == JB_OK && row0 > 0 && (int)jpeg_skip_scanlines(&cinfo, (JDIMENSION)row0) != row0) code = JB_MISMATCH;
+  if (code == JB_OK) code = jb_read(&cinfo, out, width, row1);
+  /* the last band reads on to the end of the image, where a warning about the data can still come */
+  if (code == JB_OK && row1 == height)
+    jpeg_finish_decompress(&cinfo);
+  jpeg_destroy_decompress(&cinfo);
+  return code;
+}
+
+/* The two halves of one image decoded by two threads, the bottom rows going to whichever thread
+ * claims them first (*claim: 0 unclaimed, 1 the top's thread, 2 the bottom's). The top's thread
+ * decodes rows [0, split) and then, if the bottom's thread has not yet claimed the rest (it was
+ * not scheduled in time: the cores are busy), decodes on to the end itself, from where it is,
+ * so a busy machine costs no more than one thread would. The bottom's thread skips to `split`
+ * (entropy decoding only) and claims the rest when it gets there first; else it stops without
+ * writing a row. The caller may let go of `out` once both returned, or once *claim is 1. */
+int jb_decode_top(const unsigned char *data, unsigned long size, unsigned char *out, int width,
+                  int height, int split, int *claim, char *msg, int msg_len) {
+  struct jpeg_decompress_struct cinfo;
+  struct jb_error err;
+  int code, unclaimed = 0;
+
+  if (width <= 0 || height <= 0 || split <= 0 || split >= height) return JB_MISMATCH;
+  JB_SETUP(cinfo, err, msg, msg_len);
+  code = setjmp(err.jump);
+  if (code != 0) {
     jpeg_destroy_decompress(&cinfo);
     return code;
   }
-  /* what Pillow's and simplejpeg's decoders use: accurate integer IDCT, fancy upsampling */
-  cinfo.out_color_space = JCS_RGB;
-  cinfo.dct_method = JDCT_ISLOW;
-  cinfo.do_fancy_upsampling = TRUE;
-  jpeg_start_decompress(&cinfo);
-  if (cinfo.output_components != 3 || (long)cinfo.output_width != width ||
-      (long)cinfo.output_height != height) {
-    jpeg_destroy_decompress(&cinfo);
-    return JB_MISMATCH;
+  jpeg_create_decompress(&cinfo);
+  jpeg_mem_src(&cinfo, data, size);
+  jpeg_read_header(&cinfo, TRUE);
+  code = jb_start(&cinfo, width, height, 1);
+  if (code == JB_OK) code = jb_read(&cinfo, out, width, split);
+  if (code == JB_OK && __atomic_compare_exchange_n(claim, &unclaimed, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+    code = jb_read(&cinfo, out, width, height);
+    if (code == JB_OK) jpeg_finish_decompress(&cinfo);
   }
-  if (row0 > 0 && (int)jpeg_skip_scanlines(&cinfo, (JDIMENSION)row0) != row0) {
-    jpeg_destroy_decompress(&cinfo);
-    return JB_MISMATCH;
-  }
-  while ((int)cinfo.output_scanline < row1) {
-    int n = row1 - (int)cinfo.output_scanline, i;
-    if (n > ROWS_PER_CALL) n = ROWS_PER_CALL;
-    for (i = 0; i < n; i++)
-      rows[i] = out + ((size_t)cinfo.output_scanline + (size_t)i) * (size_t)width * 3;
-    if (jpeg_read_scanlines(&cinfo, rows, (JDIMENSION)n) == 0) { /* suspended: cannot happen from memory */
-      jpeg_destroy_decompress(&cinfo);
-      return JB_MISMATCH;
-    }
-  }
-  /* the last band reads on to the end of the image, where a warning about the data can still come */
-  if (row1 == height)
-    jpeg_finish_decompress(&cinfo);
-  else
-    jpeg_abort_decompress(&cinfo);
   jpeg_destroy_decompress(&cinfo);
-  return JB_OK;
+  return code;
+}
+
+int jb_decode_bottom(const unsigned char *data, unsigned long size, unsigned char *out, int width,
+                     int height, int split, int *claim, char *msg, int msg_len) {
+  struct jpeg_decompress_struct cinfo;
+  struct jb_error err;
+  int code, unclaimed = 0;
+
+  if (width <= 0 || height <= 0 || split <= 0 || split >= height) return JB_MISMATCH;
+  if (__atomic_load_n(claim, __ATOMIC_ACQUIRE) != 0) return JB_NOT_CLAIMED;
+  JB_SETUP(cinfo, err, msg, msg_len);
+  code = setjmp(err.jump);
+  if (code != 0) {
+    jpeg_destroy_decompress(&cinfo);
+    return code;
+  }
+  jpeg_create_decompress(&cinfo);
+  jpeg_mem_src(&cinfo, data, size);
+  jpeg_read_header(&cinfo, TRUE);
+  code = jb_start(&cinfo, width, height, 1);
+  if (code == JB_OK && (int)jpeg_skip_scanlines(&cinfo, (JDIMENSION)split) != split) code = JB_MISMATCH;
+  if (code == JB_OK && !__atomic_compare_exchange_n(claim, &unclaimed, 2, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+    code = JB_NOT_CLAIMED;
+  if (code == JB_OK) code = jb_read(&cinfo, out, width, height);
+  if (code == JB_OK) jpeg_finish_decompress(&cinfo);
+  jpeg_destroy_decompress(&cinfo);
+  return code;
 }

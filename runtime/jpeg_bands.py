@@ -1,19 +1,25 @@
-"""One JPEG decoded by two threads: the top band of rows here, the bottom band in a helper thread.
+"""One JPEG decoded by two threads: the top rows here, the bottom rows in a helper thread.
 
-JPEG's entropy-coded data has to be read in order, so the bottom band's thread reads the rows above
-it too, but skips their IDCT, upsampling and colour conversion (libjpeg-turbo's
-jpeg_skip_scanlines). On the project's 2 cores a 640x480 COCO128 photo (4:4:4, about 200 kB) took
-3.6-3.7 ms whole and 2.4-2.6 ms in two bands split at 62% of its height: the bottom band's
-skipping costs about as much as decoding the extra rows would. The split is for an idle server's
-latency: the skipped rows are read twice, so under load (other images decoding or a model
-running) the caller decodes whole.
+JPEG's entropy-coded data has to be read in order, so the helper reads the rows above its band too,
+but skips their IDCT, upsampling and colour conversion (libjpeg-turbo's jpeg_skip_scanlines), and
+the band boundary sits below the middle (SPLIT_AT) so that both threads finish together. On the
+project's 2 cores a 640x480 COCO128 photo (4:4:4, about 200 kB) took 3.6-3.9 ms whole and
+3.1-3.4 ms in two bands, one after another in one process; in the server, alternating request by
+request, 3.8 -> 3.1 ms (torch backend) and 4.1 -> 3.4 ms (onnxruntime). The split is for an idle
+server's latency: the skipped rows are read twice, so under load the server decodes whole
+(server/batcher.py, MicroBatcher.alone).
 
-The C part (runtime/_jpegbands.c) is an optional extension built at install against the system's
-libjpeg-turbo; `available()` is False without it, and after a failed first-use check: the bands
-must give simplejpeg's pixels, bit for bit, on probe images of every sampling the split takes
-(4:4:4, 4:2:2, 4:2:0, grey). A JPEG the C part does not split (progressive, multi-scan, other
-samplings), or any libjpeg error or warning, gives None: the caller takes its whole-image decoder,
-which decides what the bytes mean, so errors are exactly those of the path without bands.
+Whoever reaches the bottom rows first decodes them (runtime/_jpegbands.c, a claim both threads
+race for): when the helper is not scheduled in time because the cores are busy, this thread finds
+them unclaimed after its own rows and decodes on by itself, from where it is, as if decoding whole.
+
+The C part is an optional extension built at install against the system's libjpeg-turbo (setup.py);
+`available()` is False without it, and after a failed first-use check: the bands must give
+simplejpeg's pixels, bit for bit, on probe images of every sampling the split takes (4:4:4, 4:2:2,
+4:2:0, grey), whichever thread takes the bottom rows. A JPEG the C part does not split
+(progressive, multi-scan, other samplings), or any libjpeg error or warning, gives None: the caller
+takes its whole-image decoder, which decides what the bytes mean, so errors are exactly those of
+the path without bands.
 """
 
 from __future__ import annotations
@@ -34,15 +40,16 @@ __all__ = ["MIN_PIXELS", "SPLIT_AT", "available", "decode"]
 
 # Below this many pixels the hand-off to the helper thread (about 0.1 ms) is most of the gain.
 MIN_PIXELS = 100_000
-# The top band's share of the rows: the bottom thread reads the top band's entropy data too, so an
-# even split leaves it the longer job (measured on 640x480 photos: 0.5 -> 2.5-2.8 ms, 0.62 -> 2.4-2.6).
+# The top band's share of the rows: the helper reads the top band's entropy data too, so an even
+# split leaves it the longer job (640x480 photos, one run: split at 0.5 2.5-3.0 ms, at 0.62 2.4-2.9).
 SPLIT_AT = 0.62
 
-_OK, _NOT_SPLIT = 0, 4
+_OK, _NOT_SPLIT, _NOT_CLAIMED = 0, 4, 5
 _MSG_LEN = 200
 
 _LOCK = threading.Lock()
 _fn = None  # jb_decode_rows, once loaded and checked
+_top = _bottom = None  # jb_decode_top, jb_decode_bottom
 _checked: bool | None = None
 _helper: ThreadPoolExecutor | None = None
 
@@ -52,81 +59,101 @@ def _cores() -> int:
 
 
 def _load():
+    """(jb_decode_rows, jb_decode_top, jb_decode_bottom) of the built extension, or None."""
     spec = importlib.util.find_spec("runtime._jpegbands")  # the built extension's path; not imported
     if spec is None or not spec.origin:
         return None
-    fn = ctypes.CDLL(spec.origin).jb_decode_rows  # ctypes releases the GIL for the call
-    fn.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                   ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
+    lib = ctypes.CDLL(spec.origin)  # ctypes releases the GIL for each call
+    fns = lib.jb_decode_rows, lib.jb_decode_top, lib.jb_decode_bottom
+    for fn, band in zip(fns, (ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)), strict=True):
+        # data, size, out, width, height, then (row0, row1) or (split, claim), msg, msg_len
+        fn.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, band, ctypes.c_char_p, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return fns
 
 
 def available() -> bool:
     """The C part is built, loads, and its bands equal simplejpeg's whole decode (checked once),
     on a process allowed at least two cores."""
-    global _checked, _fn, _helper
+    global _checked, _fn, _top, _bottom, _helper
     with _LOCK:
         if _checked is None and _cores() < 2:
             _checked = False  # one core: the bands would take turns
         if _checked is None:
             try:
-                fn = _load()
-            except OSError as e:  # built, but its libjpeg is gone or another one
+                fns = _load()
+            except (OSError, AttributeError) as e:  # built, but its libjpeg is gone, or an old build
                 log.warning("JPEG band decoding unavailable (%s): decoding whole", e)
-                fn = None
-            _checked = fn is not None and _self_check(fn)
-            if _checked:
-                _fn = fn
+                fns = None
+            if fns is not None:
+                _fn, _top, _bottom = fns
                 _helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jpeg-band")
+            _checked = fns is not None and _self_check()
     return _checked
 
 
-def _rows(fn, data: bytes, out: np.ndarray, row0: int, row1: int) -> int:
+def _rows(data: bytes, out: np.ndarray, row0: int, row1: int) -> int:
+    """Rows [row0, row1) of `data` into the same rows of `out` (h, w, 3), on this thread."""
     h, w = out.shape[:2]
-    return fn(data, len(data), out.ctypes.data, w, h, row0, row1, None, 0)
+    return _fn(data, len(data), out.ctypes.data, w, h, row0, row1, None, 0)
 
 
-def _self_check(fn) -> bool:
-    """Bands of Pillow-encoded probes at every sampling the split takes equal simplejpeg's decode."""
+def _self_check() -> bool:
+    """On Pillow-encoded probes at every sampling the split takes, both ways the rows can be shared
+    between the two threads give simplejpeg's decode: any split row decoded as two bands, and
+    decode()'s pair of calls with either thread taking the bottom rows."""
     try:
         import simplejpeg
         from PIL import Image
     except ImportError:
         return False
     rng = np.random.default_rng(0)
-    smooth = np.linspace(0, 255, 331 * 517 * 3).reshape(331, 517, 3)
+    smooth = np.linspace(0, 255, 133 * 211 * 3).reshape(133, 211, 3)  # odd sizes: partial blocks
     pixels = np.clip(smooth + rng.normal(0, 40, smooth.shape), 0, 255).astype(np.uint8)
     for mode, subsampling in (("RGB", 0), ("RGB", 1), ("RGB", 2), ("L", 0)):
         buf = io.BytesIO()
         Image.fromarray(pixels).convert(mode).save(buf, "JPEG", quality=90, subsampling=subsampling)
         data = buf.getvalue()
         want = simplejpeg.decode_jpeg(data, colorspace="RGB")
-        h = want.shape[0]
+        h, w = want.shape[:2]
+        outs = []
         for split in (1, 7, 8, 16, int(h * SPLIT_AT), h - 1):
             got = np.zeros_like(want)
-            if _rows(fn, data, got, 0, split) != _OK or _rows(fn, data, got, split, h) != _OK:
-                log.warning("JPEG band decoding failed on a probe (%s, subsampling %d): decoding whole",
-                            mode, subsampling)
-                return False
-            if not np.array_equal(got, want):
-                log.warning("JPEG bands differ from simplejpeg's decode here (%s, subsampling %d, "
-                            "split at row %d): decoding whole", mode, subsampling, split)
+            outs.append((split, got, _rows(data, got, 0, split) == _rows(data, got, split, h) == _OK))
+        for first in (_top, _bottom):  # alone, the top's thread decodes on; first, the bottom's claims
+            got, claim = np.zeros_like(want), ctypes.c_int(0)
+            args = (data, len(data), got.ctypes.data, w, h, int(h * SPLIT_AT), ctypes.byref(claim), None, 0)
+            ok = first(*args) == _OK and (first is _top or _top(*args) == _OK)
+            outs.append((first.__name__, got, ok))
+        for how, got, ok in outs:
+            if not ok or not np.array_equal(got, want):
+                log.warning("JPEG bands %s simplejpeg's decode here (%s, subsampling %d, %s): decoding whole",
+                            "differ from" if ok else "failed on a probe that decodes with", mode, subsampling, how)
                 return False
     return True
 
 
-def decode(data: bytes, width: int, height: int) -> np.ndarray | None:
-    """(height, width, 3) uint8 RGB of a JPEG whose header says width x height, decoded in two bands
-    on two threads; None where the caller should decode whole: the C part unavailable, the image
-    small, not splittable here, or any libjpeg error or warning."""
+def decode(data: bytes, width: int, height: int, split_at: float = SPLIT_AT) -> np.ndarray | None:
+    """(height, width, 3) uint8 RGB of a JPEG whose header says width x height, decoded by two
+    threads; None where the caller should decode whole: the C part unavailable, the image small,
+    not splittable here, or any libjpeg error or warning.
+
+    This thread decodes the rows above `split_at` of the height, the helper thread skips to there
+    and decodes the rest. When the helper is not scheduled in time (busy cores) this thread finds
+    the rest unclaimed and decodes on by itself, as if decoding whole (runtime/_jpegbands.c)."""
     if width * height < MIN_PIXELS or height < 32 or not available():
         return None
     out = np.empty((height, width, 3), np.uint8)
-    split = int(height * SPLIT_AT)
+    split = min(max(int(height * split_at), 1), height - 1)
+    claim = ctypes.c_int(0)  # kept alive with `data` by the helper's call until it returns
+    args = (data, len(data), out.ctypes.data, width, height, split, ctypes.byref(claim), None, 0)
     try:
-        bottom = _helper.submit(_rows, _fn, data, out, split, height)
+        bottom = _helper.submit(_bottom, *args)
     except RuntimeError:  # the interpreter is shutting down: no new threads
         return None
-    top = _rows(_fn, data, out, 0, split)
-    return out if top == _OK and bottom.result() == _OK else None
+    top = _top(*args)
+    if claim.value == 1:  # the rest was decoded here; the helper writes no row of `out`
+        return out if top == _OK else None
+    done = bottom.result()  # it may be writing into `out`: wait before letting go of it
+    return out if top == _OK and done == _OK else None

@@ -76,8 +76,8 @@ def create_app(settings: Settings | None = None, *, pipeline: Any = None) -> Fas
 
         def prepare(job: Job):
             t0 = time.perf_counter()
-            try:  # a lone image may take both cores to decode: nothing else is waiting for them
-                return engine.prepare(job, decode_threads=2 if batcher.alone() else 1)
+            try:  # a lone image may take two cores to decode: nothing else is waiting for them
+                return engine.prepare(job, decode_threads=2 if settings.decode_bands and batcher.alone() else 1)
             finally:
                 metrics.preprocess.observe(time.perf_counter() - t0)
 

@@ -41,7 +41,7 @@ def _jpeg(pixels: np.ndarray, mode: str = "RGB", **save) -> bytes:
 
 
 def _rows(data: bytes, out: np.ndarray, row0: int, row1: int) -> int:
-    return jpeg_bands._rows(jpeg_bands._fn, data, out, row0, row1)
+    return jpeg_bands._rows(data, out, row0, row1)
 
 
 def test_every_coco128_photo_decodes_to_simplejpeg_s_pixels():
@@ -73,6 +73,32 @@ def test_any_split_row_of_every_sampling_equals_the_whole_decode(mode, subsampli
         assert np.array_equal(got[:split], want[:split]) and (got[split:] == 77).all()  # its own rows only
         assert _rows(data, got, split, h) == 0
         assert np.array_equal(got, want), split
+
+
+def test_the_rest_goes_to_whichever_thread_claims_it_first():
+    """jb_decode_top / jb_decode_bottom: the bottom rows are decoded once, by the thread that gets
+    to them first; the other writes none of them."""
+    import ctypes
+
+    data = _jpeg(_photo(480, 640))
+    want = simplejpeg.decode_jpeg(data, colorspace="RGB")
+    split = int(480 * jpeg_bands.SPLIT_AT)
+
+    def call(fn, out, claim):
+        return fn(data, len(data), out.ctypes.data, 640, 480, split, ctypes.byref(claim), None, 0)
+
+    # the helper never ran (busy cores): the top's thread decodes on to the end by itself
+    out, claim = np.zeros_like(want), ctypes.c_int(0)
+    assert call(jpeg_bands._top, out, claim) == 0 and claim.value == 1
+    assert np.array_equal(out, want)
+    before = out.copy()  # ... and a helper that runs afterwards writes nothing
+    assert call(jpeg_bands._bottom, out, claim) == jpeg_bands._NOT_CLAIMED and np.array_equal(out, before)
+    # the helper got there first: it decodes the bottom rows, the top's thread only its own
+    out, claim = np.full_like(want, 77), ctypes.c_int(0)
+    assert call(jpeg_bands._bottom, out, claim) == 0 and claim.value == 2
+    assert np.array_equal(out[split:], want[split:]) and (out[:split] == 77).all()
+    assert call(jpeg_bands._top, out, claim) == 0 and claim.value == 2
+    assert np.array_equal(out, want)
 
 
 def test_restart_markers_and_odd_quality_tables_decode_the_same():

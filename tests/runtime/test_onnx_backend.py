@@ -73,6 +73,8 @@ def test_raw_graph_returns_raw_detections_and_metadata(tmp_path):
                                  inter_op_threads=1, graph_optimization="basic")
     assert backend.class_names == CLASSES and backend.input_settings["min_size"] == 320
     assert backend.metadata.flavour == "raw" and backend.providers == ["CPUExecutionProvider"]
+    # threads spin within a run only, leaving the cores to the next request's decode between runs
+    assert backend.session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
     raw = backend(torch.zeros(2, 3, 64, 96), torch.tensor([[64, 96], [40, 80]]))
     assert raw.batch_idx.tolist() == [0, 1]
     torch.testing.assert_close(raw.scores, torch.tensor([[0.1, 0.7, 0.2]] * 2))
