@@ -1,7 +1,7 @@
 """Server overhead per 640x480 JPEG, broken down by stage (not a test).
 
     python -m benchmarks.overhead [--model PATH] [--backend torch] [--requests 200] [--json FILE]
-                                  [--against GIT_REF] [--no-floors]
+                                  [--against GIT_REF [--block 50]] [--no-floors]
 
 Three clients take turns, one image per request, requests one after another (no batching, no
 queueing), against `python -m server` started here: "socket" (HTTP/1.1 by hand on a keep-alive
@@ -104,20 +104,34 @@ class SocketClient:
     the email package, is about 0.25 ms of its own per request here)."""
 
     def __init__(self, url: str) -> None:
-        import socket
         from urllib.parse import urlsplit
 
         u = urlsplit(url)
-        self.sock = socket.create_connection((u.hostname, u.port), timeout=120)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.addr = (u.hostname, u.port)
         self.host = f"{u.hostname}:{u.port}".encode()
+        self._connect()
 
-    def post(self, body: bytes, ctype: str) -> dict:
-        self.sock.sendall(b"POST /detect HTTP/1.1\r\nHost: " + self.host + b"\r\nContent-Type: " + ctype.encode()
-                          + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    def _connect(self) -> None:
+        import socket
+
+        self.sock = socket.create_connection(self.addr, timeout=120)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def post(self, body: bytes, ctype: str, retry: bool = True) -> dict:
         buf = b""
-        while b"\r\n\r\n" not in buf:
-            buf += self._recv()
+        try:
+            self.sock.sendall(b"POST /detect HTTP/1.1\r\nHost: " + self.host + b"\r\nContent-Type: "
+                              + ctype.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                              + b"\r\n\r\n" + body)
+            while b"\r\n\r\n" not in buf:
+                buf += self._recv()
+        except (RuntimeError, ConnectionError):
+            if buf or not retry:
+                raise
+            # idle past the server's keep-alive timeout (another server's --block turn): reconnect
+            self.sock.close()
+            self._connect()
+            return self.post(body, ctype, retry=False)
         head, _, payload = buf.partition(b"\r\n\r\n")
         lines = head.split(b"\r\n")
         length = next(int(v) for k, _, v in (line.partition(b":") for line in lines[1:])
@@ -138,26 +152,40 @@ class SocketClient:
         self.sock.close()
 
 
-def measure(posts: dict[str, Callable[[int], dict]], requests: int) -> dict:
+def measure(posts: dict[str, Callable[[int], dict]], requests: int, block: int = 1) -> dict:
     """posts: label -> post(i) (request i, returns the response's timing_ms), taking turns request by
     request (in alternating order) so load hits all alike: p50 and p10 of every stage the server
-    reports, the round trip, http+json and overhead, per label."""
+    reports, the round trip, http+json and overhead, per label.
+
+    block > 1: turns of `block` requests per label instead, the first two of each turn not counted.
+    For servers whose threads differ in what they do between requests: a model's worker threads may
+    spin on the cores for milliseconds after a run, slowing whichever server is timed next. Request
+    by request that penalises the server that does not spin, so two servers that differ there are
+    compared block by block (--against ... --block 50), each alone on the cores."""
     rows: dict[str, list[dict[str, float]]] = {label: [] for label in posts}
-    order = list(posts)
-    for i in range(requests + 10):
-        for label in order if i % 2 else order[::-1]:
-            t0 = time.perf_counter()
-            timing = posts[label](i)
-            total = (time.perf_counter() - t0) * 1e3
-            if i < 10:  # warm-up: first calls of each path allocate
-                continue
-            row = {k: float(timing[k]) for k in STAGES}
-            if "decode_whole" in timing:  # the floors' extra column
-                row["decode_whole"] = float(timing["decode_whole"])
-            row["round_trip"] = total
-            row["http+json"] = total - sum(row[k] for k in STAGES)
-            row["overhead"] = total - row["inference"]
-            rows[label].append(row)
+    order, sent = list(posts), dict.fromkeys(posts, 0)
+    skip = 2 if block > 1 else 0
+    warm = 10 if block == 1 else block  # first calls of each path allocate
+    turn = 0
+    while min(len(rs) for rs in rows.values()) < requests:
+        for label in order if turn % 2 else order[::-1]:
+            for j in range(block + skip):
+                i = sent[label]
+                sent[label] += 1
+                t0 = time.perf_counter()
+                timing = posts[label](i)
+                total = (time.perf_counter() - t0) * 1e3
+                if i < warm or j < skip:
+                    continue
+                row = {k: float(timing[k]) for k in STAGES}
+                if "decode_whole" in timing:  # the floors' extra column
+                    row["decode_whole"] = float(timing["decode_whole"])
+                row["round_trip"] = total
+                row["http+json"] = total - sum(row[k] for k in STAGES)
+                row["overhead"] = total - row["inference"]
+                rows[label].append(row)
+        turn += 1
+    rows = {label: rs[:requests] for label, rs in rows.items()}
     # Median and 10th percentile: on a shared machine the low percentile is the cost itself, the
     # median adds the neighbours' interference (waits for a core between threads).
     return {label: {"p50": {k: statistics.median(r[k] for r in rs) for k in rs[0]},
@@ -281,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--against", metavar="GIT_REF", help="before/after: also serve the code as of GIT_REF")
     ap.add_argument("--no-floors", action="store_true", help="skip the floors (each part alone)")
+    ap.add_argument("--block", type=int, default=1,
+                    help="take turns in blocks of this many requests (see measure(); 50 for --against when "
+                         "the two versions' model threads differ in spinning between runs)")
     add_server_options(ap)
     args = ap.parse_args(argv)
 
@@ -291,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             before, c1 = raw_post(before_url, photos, SocketClient)
             after, c2 = raw_post(after_url, photos, SocketClient)
             labels = (f"before {args.against}", "after")
-            res = measure(dict(zip(labels, (before, after), strict=True)), args.requests)
+            res = measure(dict(zip(labels, (before, after), strict=True)), args.requests, args.block)
             c1.close()
             c2.close()
     else:
@@ -314,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 posts["bare"] = bare_post
                 posts["alone"] = alone_post(args, photos)
-            res = measure(posts, args.requests)
+            res = measure(posts, args.requests, args.block)
             c.close()
             c2.close()
     print(f"{args.requests} sequential requests per server/client, one 640x480 JPEG each ({len(photos)} "
