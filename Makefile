@@ -122,4 +122,4 @@ image-check: install
 	$(PY) tools/image_check.py --image localhost/$(IMAGE):check --model $(MODEL) --cache $(IMAGE_CACHE)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache build runtime/_jpegbands*.so
