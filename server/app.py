@@ -63,7 +63,8 @@ def create_app(settings: Settings | None = None, *, pipeline: Any = None) -> Fas
     async def lifespan(app: FastAPI):
         state = app.state
         pipe = pipeline if pipeline is not None else await asyncio.to_thread(load_pipeline, settings)
-        engine = Engine(pipe, max_pixels=settings.max_pixels, mixed_batches=settings.batch_mixed_sizes)
+        engine = Engine(pipe, max_pixels=settings.max_pixels, mixed_batches=settings.batch_mixed_sizes,
+                        decode_bands=settings.decode_bands)
         warm_s = await asyncio.to_thread(engine.warmup)
         log.info("model %s (%s) warmed up in %.2fs", engine.model_name, engine.backend_name, warm_s)
         batch_size = settings.max_batch_size
@@ -76,8 +77,8 @@ def create_app(settings: Settings | None = None, *, pipeline: Any = None) -> Fas
 
         def prepare(job: Job):
             t0 = time.perf_counter()
-            try:  # a lone image may take two cores to decode: nothing else is waiting for them
-                return engine.prepare(job, decode_threads=2 if settings.decode_bands and batcher.alone() else 1)
+            try:
+                return engine.prepare(job, alone=batcher.alone())
             finally:
                 metrics.preprocess.observe(time.perf_counter() - t0)
 

@@ -62,13 +62,17 @@ class Engine:
     """Adapter between the batcher and a runtime.Pipeline (duck-typed: anything with the
     methods of docs/CONTRACTS.md "runtime")."""
 
-    def __init__(self, pipe: Any, *, max_pixels: int, mixed_batches: bool = False) -> None:
+    def __init__(self, pipe: Any, *, max_pixels: int, mixed_batches: bool = False,
+                 decode_bands: bool = False) -> None:
         """mixed_batches: let images of different padded sizes share a batch (padded to the
         largest). Faster under mixed traffic, but an image's answer then depends on its batch
-        (torchvision architectures change detections near the padding)."""
+        (torchvision architectures change detections near the padding).
+        decode_bands: an image prepared alone (nothing else in flight) is decoded by two threads
+        where it is a baseline JPEG (runtime.jpeg_bands; the same pixels)."""
         self.pipe = pipe
         self.max_pixels = max_pixels
         self.mixed_batches = mixed_batches
+        self.decode_bands = decode_bands
         self.on_backend: Any = None  # callable(seconds) for metrics
 
     # -- model facts ---------------------------------------------------------------------------
@@ -123,11 +127,11 @@ class Engine:
 
     # -- decode lanes --------------------------------------------------------------------------
 
-    def prepare(self, job: Job, *, decode_threads: int = 1) -> Prepared:
-        """decode_threads=2: decode in two bands at once (same pixels; for a server with nothing
-        else to do, see runtime.jpeg_bands)."""
+    def prepare(self, job: Job, *, alone: bool = False) -> Prepared:
+        """alone: nothing else is in flight, so the decode may take a second core (decode_bands)."""
         t0 = time.perf_counter()
-        image = load_image(job.data, max_pixels=self.max_pixels, threads=decode_threads)
+        threads = 2 if alone and self.decode_bands else 1
+        image = load_image(job.data, max_pixels=self.max_pixels, threads=threads)
         t1 = time.perf_counter()
         item = self.pipe.prepare(image)
         t2 = time.perf_counter()
@@ -200,8 +204,13 @@ class Engine:
         from runtime import jpeg_bands
 
         t0 = time.perf_counter()
-        log.info("JPEG decoding: %s", "a lone photo in two bands at once (runtime._jpegbands)"
-                 if jpeg_bands.available() else "whole (runtime._jpegbands not built, unchecked or one core)")
+        if not self.decode_bands:
+            how = "whole (decode_bands off)"
+        elif jpeg_bands.available():  # its first-use check, here rather than in the first request
+            how = "a lone photo in two bands at once (runtime._jpegbands)"
+        else:
+            how = "whole (runtime._jpegbands not built, failed its check, or one core)"
+        log.info("JPEG decoding: %s", how)
         rng = np.random.default_rng(0)
         for size in sizes:
             self.handle([self._synthetic(size, rng)])
