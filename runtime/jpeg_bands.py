@@ -41,11 +41,10 @@ __all__ = ["MIN_PIXELS", "SPLIT_AT", "available", "decode"]
 # Below this many pixels the hand-off to the helper thread (about 0.1 ms) is most of the gain.
 MIN_PIXELS = 100_000
 # The top band's share of the rows: the helper reads the top band's entropy data too, so an even
-# split leaves it the longer job (640x480 photos, one run: split at 0.5 2.5-3.0 ms, at 0.62 2.4-2.9).
+# split leaves it the longer job (16 640x480 photos, two runs: split at 0.5 2.5-3.0 ms, at 0.62 2.4-2.9).
 SPLIT_AT = 0.62
 
 _OK, _NOT_SPLIT, _NOT_CLAIMED = 0, 4, 5
-_MSG_LEN = 200
 
 _LOCK = threading.Lock()
 _fn = None  # jb_decode_rows, once loaded and checked
