@@ -101,26 +101,32 @@ static int jb_read(j_decompress_ptr cinfo, unsigned char *out, int width, int ro
   return JB_OK;
 }
 
-#define JB_SETUP(cinfo, err, msg, msg_len)      \
-  do {                                          \
-    if ((msg) != NULL && (msg_len) > 0) (msg)[0] = '\0'; \
-    (cinfo).err = jpeg_std_error(&(err).pub);   \
-    (err).pub.error_exit = jb_error_exit;       \
-    (err).pub.emit_message = jb_emit_message;   \
-    (err).msg = (msg);                          \
-    (err).msg_len = (msg_len);                  \
-  } while (0)
+/* Whether this thread (me: 1 or 2) takes the claimed rows: they were unclaimed, now they are its. */
+static int jb_claim(int *claim, int me) {
+  int unclaimed = 0;
+  return __atomic_compare_exchange_n(claim, &unclaimed, me, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
 
-/* Rows [row0, row1) of the (height, width, 3) uint8 RGB image in `data` into the same rows of
- * `out` (height * width * 3 bytes, C order). 0 <= row0 < row1 <= height. */
-int jb_decode_rows(const unsigned char *data, unsigned long size, unsigned char *out, int width,
-                   int height, int row0, int row1, char *msg, int msg_len) {
+/* The one decoding routine behind the three entry points below: rows [row0, row1) of the
+ * (height, width, 3) uint8 RGB image in `data` into the same rows of `out` (height * width * 3
+ * bytes, C order), 0 <= row0 < row1 <= height. With a claim (*claim: 0 unclaimed, 1 the top's
+ * thread, 2 the bottom's): as `me` == 2, the rows from row0 on are decoded only if this call claims
+ * them when it gets there; as `me` == 1, a call that finds the rows after row1 unclaimed claims
+ * them and decodes on to the end. */
+static int jb_decode(const unsigned char *data, unsigned long size, unsigned char *out, int width,
+                     int height, int row0, int row1, int *claim, int me, char *msg, int msg_len) {
   struct jpeg_decompress_struct cinfo;
   struct jb_error err;
   int code;
 
+  if (msg != NULL && msg_len > 0) msg[0] = '\0';
   if (width <= 0 || height <= 0 || row0 < 0 || row1 > height || row0 >= row1) return JB_MISMATCH;
-  JB_SETUP(cinfo, err, msg, msg_len);
+  if (claim != NULL && me == 2 && __atomic_load_n(claim, __ATOMIC_ACQUIRE) != 0) return JB_NOT_CLAIMED;
+  cinfo.err = jpeg_std_error(&err.pub);
+  err.pub.error_exit = jb_error_exit;
+  err.pub.emit_message = jb_emit_message;
+  err.msg = msg;
+  err.msg_len = msg_len;
   code = setjmp(err.jump);
   if (code != 0) {
     jpeg_destroy_decompress(&cinfo);
@@ -129,72 +135,41 @@ int jb_decode_rows(const unsigned char *data, unsigned long size, unsigned char 
   jpeg_create_decompress(&cinfo);
   jpeg_mem_src(&cinfo, data, size);
   jpeg_read_header(&cinfo, TRUE);
-  code = jb_start(&cinfo, width, height, row0 > 0 || row1 < height);
+  code = jb_start(&cinfo, width, height, claim != NULL || row0 > 0 || row1 < height);
   if (code == JB_OK && row0 > 0 && (int)jpeg_skip_scanlines(&cinfo, (JDIMENSION)row0) != row0) code = JB_MISMATCH;
+  if (code == JB_OK && claim != NULL && me == 2 && !jb_claim(claim, 2)) code = JB_NOT_CLAIMED;
   if (code == JB_OK) code = jb_read(&cinfo, out, width, row1);
-  /* the last band reads on to the end of the image, where a warning about the data can still come */
-  if (code == JB_OK && row1 == height)
-    jpeg_finish_decompress(&cinfo);
+  if (code == JB_OK && claim != NULL && me == 1 && jb_claim(claim, 1)) {
+    row1 = height;
+    code = jb_read(&cinfo, out, width, row1);
+  }
+  /* the last rows read on to the end of the image, where a warning about the data can still come */
+  if (code == JB_OK && row1 == height) jpeg_finish_decompress(&cinfo);
   jpeg_destroy_decompress(&cinfo);
   return code;
 }
 
+/* Rows [row0, row1) of the image into the same rows of `out`. */
+int jb_decode_rows(const unsigned char *data, unsigned long size, unsigned char *out, int width,
+                   int height, int row0, int row1, char *msg, int msg_len) {
+  return jb_decode(data, size, out, width, height, row0, row1, NULL, 0, msg, msg_len);
+}
+
 /* The two halves of one image decoded by two threads, the bottom rows going to whichever thread
- * claims them first (*claim: 0 unclaimed, 1 the top's thread, 2 the bottom's). The top's thread
- * decodes rows [0, split) and then, if the bottom's thread has not yet claimed the rest (it was
- * not scheduled in time: the cores are busy), decodes on to the end itself, from where it is,
- * so a busy machine costs no more than one thread would. The bottom's thread skips to `split`
- * (entropy decoding only) and claims the rest when it gets there first; else it stops without
- * writing a row. The caller may let go of `out` once both returned, or once *claim is 1. */
+ * claims them first. The top's thread decodes rows [0, split) and then, if the bottom's thread has
+ * not yet claimed the rest (it was not scheduled in time: the cores are busy), decodes on to the
+ * end itself, from where it is, so a busy machine costs no more than one thread would. The
+ * bottom's thread skips to `split` (entropy decoding only) and claims the rest when it gets there
+ * first; else it stops without writing a row. The caller may let go of `out` once both returned,
+ * or once *claim is 1. */
 int jb_decode_top(const unsigned char *data, unsigned long size, unsigned char *out, int width,
                   int height, int split, int *claim, char *msg, int msg_len) {
-  struct jpeg_decompress_struct cinfo;
-  struct jb_error err;
-  int code, unclaimed = 0;
-
-  if (width <= 0 || height <= 0 || split <= 0 || split >= height) return JB_MISMATCH;
-  JB_SETUP(cinfo, err, msg, msg_len);
-  code = setjmp(err.jump);
-  if (code != 0) {
-    jpeg_destroy_decompress(&cinfo);
-    return code;
-  }
-  jpeg_create_decompress(&cinfo);
-  jpeg_mem_src(&cinfo, data, size);
-  jpeg_read_header(&cinfo, TRUE);
-  code = jb_start(&cinfo, width, height, 1);
-  if (code == JB_OK) code = jb_read(&cinfo, out, width, split);
-  if (code == JB_OK && __atomic_compare_exchange_n(claim, &unclaimed, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-    code = jb_read(&cinfo, out, width, height);
-    if (code == JB_OK) jpeg_finish_decompress(&cinfo);
-  }
-  jpeg_destroy_decompress(&cinfo);
-  return code;
+  if (split >= height) return JB_MISMATCH;
+  return jb_decode(data, size, out, width, height, 0, split, claim, 1, msg, msg_len);
 }
 
 int jb_decode_bottom(const unsigned char *data, unsigned long size, unsigned char *out, int width,
                      int height, int split, int *claim, char *msg, int msg_len) {
-  struct jpeg_decompress_struct cinfo;
-  struct jb_error err;
-  int code, unclaimed = 0;
-
-  if (width <= 0 || height <= 0 || split <= 0 || split >= height) return JB_MISMATCH;
-  if (__atomic_load_n(claim, __ATOMIC_ACQUIRE) != 0) return JB_NOT_CLAIMED;
-  JB_SETUP(cinfo, err, msg, msg_len);
-  code = setjmp(err.jump);
-  if (code != 0) {
-    jpeg_destroy_decompress(&cinfo);
-    return code;
-  }
-  jpeg_create_decompress(&cinfo);
-  jpeg_mem_src(&cinfo, data, size);
-  jpeg_read_header(&cinfo, TRUE);
-  code = jb_start(&cinfo, width, height, 1);
-  if (code == JB_OK && (int)jpeg_skip_scanlines(&cinfo, (JDIMENSION)split) != split) code = JB_MISMATCH;
-  if (code == JB_OK && !__atomic_compare_exchange_n(claim, &unclaimed, 2, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-    code = JB_NOT_CLAIMED;
-  if (code == JB_OK) code = jb_read(&cinfo, out, width, height);
-  if (code == JB_OK) jpeg_finish_decompress(&cinfo);
-  jpeg_destroy_decompress(&cinfo);
-  return code;
+  if (split <= 0) return JB_MISMATCH;
+  return jb_decode(data, size, out, width, height, split, height, claim, 2, msg, msg_len);
 }
