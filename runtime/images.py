@@ -172,7 +172,7 @@ def _fast_jpeg(img: Image.Image, data: bytes, threads: int = 1) -> np.ndarray | 
             return None
     except Exception:  # a damaged EXIF block: Pillow's path decides what it means
         return None
-    if threads >= 2 and not img.info.get("progressive"):
+    if threads >= 2 and not img.info.get("progressive"):  # (refused by the bands too, after a thread hop)
         from runtime import jpeg_bands
 
         arr = jpeg_bands.decode(data, *img.size)

@@ -102,12 +102,18 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def coco128_images(shared_data: Path) -> list[Path]:
-    """A few real COCO train2017 jpgs (sorted, so the same ones every run)."""
-    images = sorted((shared_data / "coco128" / "train2017").glob("*.jpg"))[:4]
+def coco128_all(shared_data: Path) -> list[Path]:
+    """Every COCO128 train2017 jpg, sorted; skips the test when there are none."""
+    images = sorted((shared_data / "coco128" / "train2017").glob("*.jpg"))
     if not images:
         pytest.skip(f"no coco128 images under {shared_data / 'coco128' / 'train2017'}")
     return images
+
+
+@pytest.fixture(scope="session")
+def coco128_images(coco128_all: list[Path]) -> list[Path]:
+    """A few real COCO train2017 jpgs (sorted, so the same ones every run)."""
+    return coco128_all[:4]
 
 
 @pytest.fixture(scope="session")

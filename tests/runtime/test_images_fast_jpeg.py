@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from runtime import images
-
-COCO = Path(__file__).resolve().parents[3] / "shared" / "data" / "coco128" / "train2017"
 
 
 @pytest.fixture
@@ -22,11 +19,9 @@ def pillow_only(monkeypatch):
     return load
 
 
-def test_every_coco128_photo_decodes_to_pillow_s_pixels(pillow_only):
+def test_every_coco128_photo_decodes_to_pillow_s_pixels(pillow_only, coco128_all):
     pytest.importorskip("simplejpeg")
-    paths = sorted(COCO.glob("*.jpg"))
-    if not paths:
-        pytest.skip(f"no COCO128 photos under {COCO}")
+    paths = coco128_all
     fast = 0
     for p in paths:
         data = p.read_bytes()

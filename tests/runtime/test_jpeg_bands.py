@@ -11,7 +11,6 @@ import pytest
 
 from runtime import images, jpeg_bands
 
-COCO = Path(__file__).resolve().parents[3] / "shared" / "data" / "coco128" / "train2017"
 simplejpeg = pytest.importorskip("simplejpeg")
 
 
@@ -44,10 +43,8 @@ def _rows(data: bytes, out: np.ndarray, row0: int, row1: int) -> int:
     return jpeg_bands._rows(data, out, row0, row1)
 
 
-def test_every_coco128_photo_decodes_to_simplejpeg_s_pixels():
-    paths = sorted(COCO.glob("*.jpg"))
-    if not paths:
-        pytest.skip(f"no COCO128 photos under {COCO}")
+def test_every_coco128_photo_decodes_to_simplejpeg_s_pixels(coco128_all):
+    paths = coco128_all
     banded = 0
     for p in paths:
         data = p.read_bytes()

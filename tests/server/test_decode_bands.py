@@ -3,15 +3,11 @@ the same pixels either way (runtime.jpeg_bands does the decoding; tests/runtime/
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from runtime import jpeg_bands
 from server.engine import Engine, Job
-
-PHOTO = Path(__file__).resolve().parents[3] / "shared" / "data" / "coco128" / "train2017" / "000000000009.jpg"
 
 
 class _Identity:
@@ -24,8 +20,6 @@ class _Identity:
 @pytest.fixture
 def banded(monkeypatch):
     """Counts the two-band decodes that returned pixels (the real decoder runs)."""
-    if not PHOTO.exists():
-        pytest.skip(f"{PHOTO} missing")
     if not jpeg_bands.available():
         pytest.skip("runtime._jpegbands not built here (tests/runtime/test_jpeg_bands.py says why)")
     calls = []
@@ -41,9 +35,9 @@ def banded(monkeypatch):
 
 @pytest.mark.parametrize(("decode_bands", "alone", "bands"), [(True, True, True), (True, False, False),
                                                                (False, True, False), (False, False, False)])
-def test_two_bands_only_for_a_lone_image_with_the_setting_on(banded, decode_bands, alone, bands):
+def test_two_bands_only_for_a_lone_image_with_the_setting_on(banded, coco128_images, decode_bands, alone, bands):
     engine = Engine(_Identity(), max_pixels=10**8, decode_bands=decode_bands)
-    job = Job("p.jpg", PHOTO.read_bytes(), 0.5, 10)
+    job = Job("p.jpg", coco128_images[0].read_bytes(), 0.5, 10)  # 640x480
     got = engine.prepare(job, alone=alone)
     assert banded == ([True] if bands else [])
     want = Engine(_Identity(), max_pixels=10**8).prepare(job)
