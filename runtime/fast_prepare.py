@@ -32,12 +32,13 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MIN_PIXELS", "available", "prepare_padded", "taps"]
+__all__ = ["MIN_PIXELS", "Bands", "available", "prepare_padded", "taps"]
 
 MIN_PIXELS = 16384  # h' * w' below this: torch's path (4x the largest output seen to differ)
 
@@ -123,6 +124,15 @@ def available() -> bool:
     return bool(_checked)
 
 
+def _in_bands(img: np.ndarray, size: tuple[int, int], padded: tuple[int, int], mean: tuple[float, ...],
+              std: tuple[float, ...], split: int) -> np.ndarray | None:
+    """Bands' output for `img` decoded as rows [split, h) and then [0, split) (the bottom may come first)."""
+    bands = Bands(lambda h, w: (size, padded), mean, std)
+    bands.rows(img, split, img.shape[0])
+    bands.rows(img, 0, split)
+    return bands.finish(img)
+
+
 def _self_check() -> bool:
     rng = np.random.default_rng(0)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -132,7 +142,9 @@ def _self_check() -> bool:
         for (h, w), size in probes:
             img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
             padded = (size[0] + 7, size[1] + 3)
-            if not np.array_equal(_run(img, size, padded, mean, std), _torch_twin(img, size, padded, mean, std)):
+            want = _torch_twin(img, size, padded, mean, std)
+            if not np.array_equal(_run(img, size, padded, mean, std), want) or not all(
+                    np.array_equal(_in_bands(img, size, padded, mean, std, split), want) for split in (1, h // 2, h - 1)):
                 log.info("fast preprocessing differs from torch's at %s -> %s: using torch's", (h, w), size)
                 return False
     except Exception as e:  # a numba that cannot compile here: torch's path is always right
@@ -151,3 +163,80 @@ def prepare_padded(img: np.ndarray, size: tuple[int, int], padded: tuple[int, in
     if not (img.flags.c_contiguous and img.flags.writeable):  # the one signature compiled: C, writable
         img = np.array(img, order="C")
     return _run(img, size, padded, tuple(mean), tuple(std))
+
+
+class Bands:
+    """prepare_padded's output, computed alongside a decode in bands (runtime.jpeg_bands): each
+    decoding thread, once its rows of the image are in, prepares the output rows that read only
+    those rows (`rows`, no GIL held while the kernel runs); `finish` prepares what is left, the few
+    rows that read both bands, and the padding. The same kernel per output row, so the same bits as
+    prepare_padded (_self_check compares them too).
+
+        bands = Bands(plan, mean, std)        # plan(h, w) -> (size (h', w'), padded (H, W))
+        jpeg_bands.decode(data, w, h, after=bands.rows)   # rows(img, row0, row1), from either thread
+        out = bands.finish(img)   # (3, H, W), or None: prepare `img` the usual way
+
+    `finish` returns None unless every `rows` call was on `img` itself (the array the bands were
+    decoded into): an image the caller decoded some other way after the bands gave up is prepared
+    from scratch, never from rows of an abandoned decode. Also None where prepare_padded would be
+    (an output under MIN_PIXELS)."""
+
+    def __init__(self, plan: Callable[[int, int], tuple[tuple[int, int], tuple[int, int]]],
+                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self._plan = plan
+        self._lut = _lut(tuple(mean), tuple(std))
+        self.size: tuple[int, int] | None = None  # (h', w'), from the first rows call
+        self._taps: tuple[np.ndarray, ...] = ()  # row taps, then column taps
+        self._out: np.ndarray | None = None
+        self._img: np.ndarray | None = None
+        self._done: list[tuple[int, int]] = []  # output row ranges written
+        self._broken = False
+        self._lock = threading.Lock()
+
+    def rows(self, img: np.ndarray, row0: int, row1: int) -> None:
+        """Rows [row0, row1) of `img` (h, w, 3) uint8 are decoded: write the output rows that read
+        no other. Any failure leaves the work to `finish` (this runs in a decoding thread)."""
+        try:
+            with self._lock:
+                if self._img is None and not self._broken:
+                    if _kernel is None:  # Bands are made where available() is true; never worse than torch's
+                        self._broken = True
+                        return
+                    h, w = img.shape[:2]
+                    size, padded = self._plan(h, w)
+                    if size[0] * size[1] < MIN_PIXELS:  # torch's path (see MIN_PIXELS)
+                        self._broken = True
+                        return
+                    self.size = size
+                    self._taps = (*taps(h, size[0]), *taps(w, size[1]))
+                    self._out = np.empty((3, *padded), np.float32)
+                    self._img = img
+                if self._broken or img is not self._img:
+                    self._broken = True
+                    return
+            r0, r1 = self._taps[0], self._taps[1]
+            # row y reads r0[y] <= r1[y], both non-decreasing in y: the rows inside [row0, row1) are a range
+            y0 = int(np.searchsorted(r0, row0, "left"))
+            y1 = int(np.searchsorted(r1, row1, "left"))
+            if y0 < y1:
+                _kernel.resize_rows(img, self._lut, *self._taps, self._out, y0, y1)
+                with self._lock:
+                    self._done.append((y0, y1))
+        except Exception:  # noqa: BLE001 - finish prepares from scratch
+            log.exception("preprocessing alongside the decode failed: preparing after it")
+            with self._lock:
+                self._broken = True
+
+    def finish(self, img: np.ndarray) -> np.ndarray | None:
+        """(3, H, W) float32, prepare_padded(img, size, padded, mean, std); None when `img` is not
+        the array the rows were prepared from (or a `rows` call failed)."""
+        with self._lock:
+            if self._broken or self._img is None or img is not self._img:
+                return None
+            done = sorted(self._done)
+        y, end = 0, self._out.shape[1]
+        for a, b in [*done, (end, end)]:
+            if y < a:
+                _kernel.resize_rows(img, self._lut, *self._taps, self._out, y, a)
+            y = max(y, b)
+        return self._out

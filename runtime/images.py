@@ -17,6 +17,7 @@ import io
 import os
 import struct
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -104,20 +105,23 @@ def _check_size(w: int, h: int, max_pixels: int | None) -> None:
 
 
 def load_image(data: bytes | bytearray | memoryview | str | os.PathLike, *,
-               max_pixels: int | None = DEFAULT_MAX_PIXELS, threads: int = 1) -> np.ndarray:
+               max_pixels: int | None = DEFAULT_MAX_PIXELS, threads: int = 1,
+               after: Callable[[np.ndarray, int, int], None] | None = None) -> np.ndarray:
     """Decode `data` (encoded bytes, or a path to a file) to (h, w, 3) uint8 RGB.
 
     Orientation from EXIF is applied, so h, w are the displayed height and width and boxes
     predicted on the result are in the pixels a viewer sees. `max_pixels=None` disables the limit.
     threads=2: a large baseline JPEG is decoded in two bands at once (runtime.jpeg_bands), for
-    latency on otherwise idle cores; the pixels are the same.
+    latency on otherwise idle cores; the pixels are the same. after(out, row0, row1): given to
+    those bands (runtime.jpeg_bands.decode: each thread passes its rows of the returned array as
+    soon as they are decoded, for work alongside: fast_prepare.Bands.rows); not called otherwise.
     """
     if isinstance(data, (str, os.PathLike)):
         data = Path(data).read_bytes()
     data = bytes(data)
     img = _open(data, max_pixels)
     with img:
-        fast = _fast_jpeg(img, data, threads)
+        fast = _fast_jpeg(img, data, threads, after)
         if fast is not None:
             return fast
         try:
@@ -156,7 +160,8 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
     return img
 
 
-def _fast_jpeg(img: Image.Image, data: bytes, threads: int = 1) -> np.ndarray | None:
+def _fast_jpeg(img: Image.Image, data: bytes, threads: int = 1,
+               after: Callable[[np.ndarray, int, int], None] | None = None) -> np.ndarray | None:
     """Baseline/progressive RGB or grey JPEGs without an EXIF rotation, decoded by libjpeg-turbo
     straight into the output array (simplejpeg): one allocation instead of Pillow's three copies.
     Same library and settings as Pillow's decoder (accurate DCT, fancy upsampling), so the pixels
@@ -175,7 +180,7 @@ def _fast_jpeg(img: Image.Image, data: bytes, threads: int = 1) -> np.ndarray | 
     if threads >= 2 and not img.info.get("progressive"):  # (refused by the bands too, after a thread hop)
         from runtime import jpeg_bands
 
-        arr = jpeg_bands.decode(data, *img.size)
+        arr = jpeg_bands.decode(data, *img.size, after=after)
         if arr is not None:
             return arr
     try:

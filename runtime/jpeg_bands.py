@@ -30,6 +30,7 @@ import io
 import logging
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -133,26 +134,42 @@ def _self_check() -> bool:
     return True
 
 
-def decode(data: bytes, width: int, height: int, split_at: float = SPLIT_AT) -> np.ndarray | None:
+def decode(data: bytes, width: int, height: int, split_at: float = SPLIT_AT,
+           after: Callable[[np.ndarray, int, int], None] | None = None) -> np.ndarray | None:
     """(height, width, 3) uint8 RGB of a JPEG whose header says width x height, decoded by two
     threads; None where the caller should decode whole: the C part unavailable, the image small,
     not splittable here, or any libjpeg error or warning.
 
     This thread decodes the rows above `split_at` of the height, the helper thread skips to there
     and decodes the rest. When the helper is not scheduled in time (busy cores) this thread finds
-    the rest unclaimed and decodes on by itself, as if decoding whole (runtime/_jpegbands.c)."""
+    the rest unclaimed and decodes on by itself, as if decoding whole (runtime/_jpegbands.c).
+
+    after(out, row0, row1): called by the thread that decoded rows [row0, row1) of `out` as soon as
+    they are in (fast_prepare.Bands.rows: preprocessing them there); every call has returned when
+    this returns. Rows of a decode that then fails may have been passed: `out` is not returned."""
     if width * height < MIN_PIXELS or height < 32 or not available():
         return None
     out = np.empty((height, width, 3), np.uint8)
     split = min(max(int(height * split_at), 1), height - 1)
     claim = ctypes.c_int(0)  # kept alive with `data` by the helper's call until it returns
     args = (data, len(data), out.ctypes.data, width, height, split, ctypes.byref(claim), None, 0)
+
+    def bottom_band() -> int:
+        code = _bottom(*args)
+        if code == _OK and after is not None:
+            after(out, split, height)
+        return code
+
     try:
-        bottom = _helper.submit(_bottom, *args)
+        bottom = _helper.submit(bottom_band)
     except RuntimeError:  # the interpreter is shutting down: no new threads
         return None
     top = _top(*args)
     if claim.value == 1:  # the rest was decoded here; the helper writes no row of `out`
+        if top == _OK and after is not None:
+            after(out, 0, height)
         return out if top == _OK else None
+    if top == _OK and after is not None:
+        after(out, 0, split)
     done = bottom.result()  # it may be writing into `out`: wait before letting go of it
     return out if top == _OK and done == _OK else None

@@ -122,11 +122,28 @@ class Pipeline:
 
     # -- the steps --------------------------------------------------------------------------------
 
-    def prepare(self, image: np.ndarray | torch.Tensor) -> PreparedImage:
+    def bands(self) -> fast_prepare.Bands | None:
+        """Preprocessing to run alongside a decode in bands (runtime.images.load_image(...,
+        after=bands.rows)), then `prepare(image, bands)`; None where the compiled pass is unavailable."""
+        if not fast_prepare.available():
+            return None
+        t = self.config.transform
+
+        def plan(h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
+            size = resized_size(h, w, t.min_size, t.max_size)
+            return size, padded_size(size, t.size_divisible, t.pad_past_edge)
+
+        return fast_prepare.Bands(plan, t.image_mean, t.image_std)
+
+    def prepare(self, image: np.ndarray | torch.Tensor, bands: fast_prepare.Bands | None = None) -> PreparedImage:
         """image: (h, w, 3) uint8 RGB array, or a (3, h, w) uint8 / float 0..1 tensor -> PreparedImage.
         An array goes through runtime.fast_prepare's one compiled pass (normalized, resized and
-        padded alone, bit-equal to torch's path) where that is available, else through torch."""
+        padded alone, bit-equal to torch's path) where that is available, else through torch.
+        bands: `bands()` given to the decode of `image`: what it prepared alongside is finished
+        (the same values); where it prepared nothing of `image`, as without it."""
         t = self.config.transform
+        if bands is not None and isinstance(image, np.ndarray) and (out := bands.finish(image)) is not None:
+            return PreparedImage(torch.from_numpy(out), bands.size, (image.shape[0], image.shape[1]))
         if isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected an (h, w, 3) uint8 RGB array, got {image.shape} {image.dtype}")

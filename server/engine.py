@@ -131,9 +131,12 @@ class Engine:
         """alone: nothing else is in flight, so the decode may take a second core (decode_bands)."""
         t0 = time.perf_counter()
         threads = 2 if alone and self.decode_bands else 1
-        image = load_image(job.data, max_pixels=self.max_pixels, threads=threads)
+        # in bands, each decoding thread also preprocesses the rows it decoded (the same values)
+        bands = self.pipe.bands() if threads == 2 and hasattr(self.pipe, "bands") else None
+        image = load_image(job.data, max_pixels=self.max_pixels, threads=threads,
+                           after=None if bands is None else bands.rows)
         t1 = time.perf_counter()
-        item = self.pipe.prepare(image)
+        item = self.pipe.prepare(image) if bands is None else self.pipe.prepare(image, bands)
         t2 = time.perf_counter()
         h, w = image.shape[:2]
         return Prepared(job=job, width=w, height=h, item=item, decode_s=t1 - t0, preprocess_s=t2 - t1)

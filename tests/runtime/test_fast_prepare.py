@@ -147,3 +147,80 @@ def test_zero_weight_taps_keep_signed_zeros(hw, size):
     assert (want == 0).any() and np.signbit(want[want == 0]).any()  # the case is there: -0 in the answer
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+
+
+def _bands(img: np.ndarray, cfg: TransformConfig) -> fast_prepare.Bands:
+    def plan(h: int, w: int):
+        size = resized_size(h, w, cfg.min_size, cfg.max_size)
+        return size, padded_size(size, cfg.size_divisible, cfg.pad_past_edge)
+    return fast_prepare.Bands(plan, cfg.image_mean, cfg.image_std)
+
+
+@pytest.mark.parametrize("hw", [(480, 640), (1200, 1601), (600, 1000), (333, 5000), (3000, 2000), (301, 211)])
+@pytest.mark.parametrize("split", [0.0, 0.13, 0.62, 0.999])
+def test_bands_equal_the_one_pass_whatever_rows_come_first(hw, split):
+    """Output rows prepared per decoded band (either band first, one band, both at once), the rest
+    by finish: the one pass's values to the bit, padding zeros included. Up-, down- and no scaling.
+    The rows not yet "decoded" hold other values when a band is passed: a row prepared from them
+    would differ."""
+    img = np.random.default_rng(hw[0]).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    cfg = TransformConfig(image_mean=(0.5, 0.25, 0.125), image_std=(0.3, 0.2, 0.1))
+    want = _fast(img, cfg)
+    cut = int(hw[0] * split)
+    for order in ([(0, cut), (cut, hw[0])], [(cut, hw[0]), (0, cut)], [(0, hw[0])], [(cut, hw[0])]):
+        bands = _bands(img, cfg)
+        work = 255 - img  # as decoded so far: nothing
+        for row0, row1 in order:
+            work[row0:row1] = img[row0:row1]
+            bands.rows(work, row0, row1)
+        work[:] = img
+        got = bands.finish(work)
+        assert got is not None and bands.size == resized_size(*hw, cfg.min_size, cfg.max_size)
+        np.testing.assert_array_equal(got, want, err_msg=str(order))
+
+
+def test_bands_from_two_threads_at_once():
+    """The two decoding threads call rows at the same time on disjoint rows (no GIL in the kernel)."""
+    import threading
+
+    img = np.random.default_rng(7).integers(0, 256, (1500, 2000, 3), dtype=np.uint8)
+    cfg = TransformConfig()
+    want = _fast(img, cfg)
+    for _ in range(5):
+        bands = _bands(img, cfg)
+        go = threading.Barrier(2)
+
+        def band(row0, row1, b=bands, g=go):
+            g.wait()
+            b.rows(img, row0, row1)
+        threads = [threading.Thread(target=band, args=r) for r in ((0, 930), (930, 1500))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        np.testing.assert_array_equal(bands.finish(img), want)
+
+
+def test_bands_finish_only_what_they_prepared(caplog):
+    """finish gives None (the caller prepares as usual) for an image other than the one the rows
+    came from, a decode that never passed a row, an output under MIN_PIXELS, or a failed rows call."""
+    cfg = TransformConfig()
+    img = np.random.default_rng(2).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    bands = _bands(img, cfg)
+    assert bands.finish(img) is None  # no rows: nothing was decoded in bands
+    bands.rows(img, 0, 300)
+    assert bands.finish(img.copy()) is None  # the same pixels, but not the array the rows came from
+    bands = _bands(img, cfg)
+    bands.rows(img, 0, 300)
+    bands.rows(img.copy(), 300, 480)  # a second array: the bands are abandoned
+    assert bands.finish(img) is None
+    small = TransformConfig(min_size=40, max_size=80)
+    bands = _bands(img, small)
+    bands.rows(img, 0, 480)
+    assert bands.finish(img) is None  # torch's path there, as prepare_padded
+
+    def broken(h, w):
+        raise RuntimeError("plan failed")
+    bands = fast_prepare.Bands(broken, cfg.image_mean, cfg.image_std)
+    bands.rows(img, 0, 480)  # never raises into the decoding thread
+    assert bands.finish(img) is None and "plan failed" in caplog.text

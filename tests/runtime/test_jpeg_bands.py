@@ -171,3 +171,73 @@ def test_damaged_photos_get_the_whole_decoder_s_answer():
             assert np.array_equal(images.load_image(bad, threads=2), want)
             outcomes.add("pixels")
     assert outcomes == {"error", "pixels"}  # both kinds of damage were exercised
+
+
+def test_after_gets_each_band_from_the_thread_that_decoded_it(monkeypatch):
+    """decode(..., after=f): f(out, row0, row1) once per band, from the thread that decoded those
+    rows, with them already in `out`; all calls are over when decode returns. Both ways the rows
+    can be shared: the helper takes the bottom rows (made to claim them first), or it is busy and
+    this thread decodes on by itself (one call for every row)."""
+    import ctypes
+    import threading
+    import time
+
+    data = _jpeg(_photo(480, 640))
+    want = simplejpeg.decode_jpeg(data, colorspace="RGB")
+    split = int(480 * jpeg_bands.SPLIT_AT)
+    calls = []
+
+    def after(out, row0, row1):
+        assert np.array_equal(out[row0:row1], want[row0:row1])  # the rows are in when passed
+        calls.append((threading.get_ident(), row0, row1))
+
+    real_top = jpeg_bands._top
+
+    def top_after_the_helper_claims(*args):
+        claim = ctypes.cast(args[6], ctypes.POINTER(ctypes.c_int)).contents
+        deadline = time.monotonic() + 10
+        while claim.value != 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return real_top(*args)
+    top_after_the_helper_claims.__name__ = "jb_decode_top"
+    monkeypatch.setattr(jpeg_bands, "_top", top_after_the_helper_claims)
+    out = jpeg_bands.decode(data, 640, 480, after=after)
+    assert out is not None and np.array_equal(out, want)
+    me = threading.get_ident()
+    assert sorted(calls, key=lambda c: c[1]) == [(me, 0, split), (calls[0][0], split, 480)]
+    assert calls[0][0] != me  # the bottom band's call came from the helper, before the top's
+
+    monkeypatch.setattr(jpeg_bands, "_top", real_top)
+    calls.clear()
+    busy = threading.Event()
+    jpeg_bands._helper.submit(busy.wait, 10)  # the helper cannot start the bottom band in time
+    try:
+        out = jpeg_bands.decode(data, 640, 480, after=after)
+    finally:
+        busy.set()
+    assert out is not None and np.array_equal(out, want) and calls == [(me, 0, 480)]
+
+
+def test_prepared_alongside_the_bands_equals_prepared_after(coco128_all):
+    """Pipeline.prepare(image, bands) after load_image(..., after=bands.rows): the same tensor as
+    preparing the decoded image, on every COCO128 photo, with each photo's rows split between the
+    threads as they happened to be."""
+    from model.config import ModelConfig
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline(backend=None, config=ModelConfig(), class_names=["bg"], model_name="t")
+    finished = 0
+    for p in coco128_all:
+        data = p.read_bytes()
+        want = pipe.prepare(images.load_image(data))
+        bands = pipe.bands()
+        image = images.load_image(data, threads=2, after=bands.rows)
+        finished += bands.finish(image) is not None
+        got = pipe.prepare(image, bands)
+        assert (got.image_size, got.original_size) == (want.image_size, want.original_size)
+        assert torch_equal(got.tensor, want.tensor), p.name
+    assert finished >= len(coco128_all) * 0.9  # (progressive photos are decoded whole, not in bands)
+
+
+def torch_equal(a, b) -> bool:
+    return bool(np.array_equal(a.numpy(), b.numpy()))

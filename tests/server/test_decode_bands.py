@@ -42,3 +42,29 @@ def test_two_bands_only_for_a_lone_image_with_the_setting_on(banded, coco128_ima
     assert banded == ([True] if bands else [])
     want = Engine(_Identity(), max_pixels=10**8).prepare(job)
     assert np.array_equal(got.item, want.item) and (got.width, got.height) == (640, 480)
+
+
+def test_a_lone_photo_is_preprocessed_alongside_its_bands(banded, coco128_images, monkeypatch):
+    """With a real pipeline, the decoding threads also preprocess their rows (fast_prepare.Bands):
+    the prepared tensor is the one the image gets decoded whole and prepared after."""
+    from model.config import ModelConfig
+    from runtime import fast_prepare
+    from runtime.pipeline import Pipeline
+
+    assert fast_prepare.available()  # its first-use check (which runs Bands too) before counting
+    finished = []
+    real_finish = fast_prepare.Bands.finish
+
+    def finish(self, img):
+        out = real_finish(self, img)
+        finished.append(out is not None)
+        return out
+    monkeypatch.setattr(fast_prepare.Bands, "finish", finish)
+    pipe = Pipeline(backend=None, config=ModelConfig(), class_names=["__background__", "a"], model_name="t")
+    engine = Engine(pipe, max_pixels=10**8, decode_bands=True)
+    for path in coco128_images:
+        job = Job(path.name, path.read_bytes(), 0.5, 10)
+        got, want = engine.prepare(job, alone=True), engine.prepare(job, alone=False)
+        assert got.item.image_size == want.item.image_size
+        assert np.array_equal(got.item.tensor.numpy(), want.item.tensor.numpy()), path.name
+    assert finished == [True] * len(coco128_images) and all(banded)
