@@ -7,17 +7,12 @@ Shape shorthand: h, w the decoded image; h', w' its resized size; H, W the padde
 
 from __future__ import annotations
 
-import os
-
 import numba
 import numpy as np
-from numba import njit, prange, types
+from numba import prange, types
 from numba.extending import intrinsic
 
-# The workqueue layer has no spinning threads to steal cores from the backend and needs no
-# libgomp/TBB on the host; it must not be entered by two threads at once (fast_prepare's lock).
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+from runtime._jit import compile_for
 
 @intrinsic
 def _fma(typingctx, a, b, c):
@@ -33,17 +28,7 @@ _u8_3d = types.Array(types.uint8, 3, "C")
 _f32_1d, _f32_2d, _f32_3d = (types.Array(types.float32, n, "C") for n in (1, 2, 3))
 _i64_1d = types.Array(types.int64, 1, "C")
 
-def _compile(sig, **kw):
-    """njit for one explicit signature (compiled once, at first use), cached on disk where numba
-    finds a writable place (about 3 s of LLVM otherwise, in every new process)."""
-    def wrap(fn):
-        try:
-            return njit(sig, nogil=True, cache=True, **kw)(fn)
-        except RuntimeError:  # no writable cache location (a read-only install): compile each start
-            return njit(sig, nogil=True, **kw)(fn)
-    return wrap
-
-@_compile(types.void(_u8_3d, _f32_2d, types.int64, _i64_1d, _i64_1d, _f32_1d, _f32_1d, _f32_2d, _f32_2d))
+@compile_for(types.void(_u8_3d, _f32_2d, types.int64, _i64_1d, _i64_1d, _f32_1d, _f32_1d, _f32_2d, _f32_2d))
 def _width_pass(img, lut, y, c0, c1, l0, l1, row, dst):  # pragma: no cover - compiled
     """dst (3, w') = source row y normalized (row: (3, w) scratch) and interpolated along the width.
     Upscaling reads each source pixel more than once: normalize the row once, then interpolate.
@@ -74,7 +59,7 @@ _ROWS_SIG = types.void(_u8_3d, _f32_2d, _i64_1d, _i64_1d, _f32_1d, _f32_1d, _i64
                        _f32_3d, types.int64, types.int64)
 
 
-@_compile(_ROWS_SIG)
+@compile_for(_ROWS_SIG)
 def resize_rows(img, lut, r0, r1, m0, m1, c0, c1, l0, l1, out, y0, y1):  # pragma: no cover - compiled
     """Output rows [y0, y1) of out (3, H, W) float32: rows under h' the image's, normalized and
     interpolated (row y reads source rows r0[y] and r1[y] only), the rest zeros; the columns past
@@ -124,7 +109,7 @@ def resize_rows(img, lut, r0, r1, m0, m1, c0, c1, l0, l1, out, y0, y1):  # pragm
             out[c, y, ow:] = 0.0
 
 
-@_compile(types.void(_u8_3d, _f32_2d, _i64_1d, _i64_1d, _f32_1d, _f32_1d, _i64_1d, _i64_1d, _f32_1d,
+@compile_for(types.void(_u8_3d, _f32_2d, _i64_1d, _i64_1d, _f32_1d, _f32_1d, _i64_1d, _i64_1d, _f32_1d,
                      _f32_1d, _f32_3d, types.int64), parallel=True)
 def resize_normalize(img, lut, r0, r1, m0, m1, c0, c1, l0, l1, out, blocks):  # pragma: no cover - compiled
     """out (3, H, W) float32 written whole (resize_rows over every row): one parallel region of

@@ -1,12 +1,16 @@
-"""model.postprocess in numpy, for the few dozen to few hundred candidates a served image has: the
-same detections to the bit, without a torch op per step.
+"""model.postprocess compiled (runtime._post_kernel, numba) or in numpy, for the few dozen to few
+hundred candidates a served image has: the same detections to the bit, without a torch op per step.
 
 Shape shorthand: R RoIs of the batch, C classes (0 = background), N candidates of one image (class
 scores above its threshold), K kept. Boxes are xyxy in absolute pixels.
 
 Why: on a server request the torch path is about forty small tensor ops (filter, small boxes,
 class-wise NMS in tiles, rescale), and their dispatch is most of its time: 0.67-0.80 ms for the
-demo model's 20-50 candidates, against about 0.1 ms here (see the README's serving section).
+demo model's 20-50 candidates, against about 0.1 ms in numpy (see the README's serving section).
+Right after a backend call the caches are cold and each of numpy's few dozen calls costs several
+times its warm price (0.7 ms in the server for 0.2 ms warm, the demo model's ~110 candidates): the
+compiled kernel is one call with loops (runtime/_post_kernel.py). It is used once its first-use
+check found it equal to the numpy path on crowded, tied inputs; without numba, numpy.
 
 Why it equals model.postprocess to the bit: every value is the same float32 operation in the same
 order (IoU as model.ops.nms._pair_iou: inter / ((area_a + area_b) - inter); thresholds as float32,
@@ -23,15 +27,25 @@ candidates (the (N, N) matrix and the greedy loop grow as N^2; the torch path's 
 
 from __future__ import annotations
 
+import functools
+import logging
+import threading
+
 import numpy as np
 import torch
 
 from model.ops.nms import _threshold_below
 from model.postprocess import Detections, RawDetections
 
+log = logging.getLogger(__name__)
+
 __all__ = ["MAX_CANDIDATES", "postprocess"]
 
 MAX_CANDIDATES = 256  # per image; past it the torch path
+
+_LOCK = threading.Lock()
+_compiled = None  # runtime._post_kernel.postprocess_one, once checked equal to _numpy_one
+_checked = False
 
 
 def postprocess(raw: RawDetections, image_sizes: torch.Tensor, original_sizes: torch.Tensor, *,
@@ -45,35 +59,69 @@ def postprocess(raw: RawDetections, image_sizes: torch.Tensor, original_sizes: t
     boxes = raw.boxes.detach().numpy()  # (R, C, 4)
     B = int(image_sizes.shape[0])
     C = scores.shape[1]
-    thr = _threshold_below(float(nms_thresh), torch.float32)
+    thr = np.float32(_threshold_below(float(nms_thresh), torch.float32))
     batch_idx = raw.batch_idx.numpy() if B > 1 else None
     sizes = image_sizes.numpy().astype(np.float32)  # (B, 2) (h, w): exact for any image size
     originals = original_sizes.numpy().astype(np.float32)
+    one = _one()
     out = []
     for i in range(B):
-        rows = slice(None) if B == 1 else np.flatnonzero(batch_idx == i)
-        s = scores[rows, 1:].reshape(-1)  # (R_i * (C-1),) row-major: index r * (C-1) + (c-1)
-        keep = np.flatnonzero(s > np.float32(score_thresh[i]))
-        labels = keep % max(1, C - 1) + 1
-        if classes[i] is not None:
-            wanted = np.isin(labels, classes[i].numpy())
-            keep, labels = keep[wanted], labels[wanted]
-        if keep.size > MAX_CANDIDATES:
-            return None
-        s = s[keep]
-        b = boxes[rows, 1:].reshape(-1, 4)[keep]  # (N, 4)
-        if not (np.isfinite(s).all() and np.isfinite(b).all()):
-            return None  # NaN orders and compares as torch's sort may not: its path decides
-        small = (b[:, 2] - b[:, 0] >= np.float32(min_size)) & (b[:, 3] - b[:, 1] >= np.float32(min_size))
-        keep = np.flatnonzero(small)
-        s, b, labels = s[keep], b[keep], labels[keep]
-        keep = _class_nms(b, s, labels, thr)[: detections_per_img[i]]
+        if B == 1:
+            s, b = np.ascontiguousarray(scores), np.ascontiguousarray(boxes)
+        else:
+            rows = np.flatnonzero(batch_idx == i)
+            s, b = scores[rows], boxes[rows]
         h, w = originals[i] / sizes[i]  # float32 ratios, as model.transform.scale_boxes
-        scale = np.array([w, h, w, h], dtype=np.float32)
-        out.append(Detections(torch.from_numpy(b[keep] * scale), torch.from_numpy(s[keep]),
-                              torch.from_numpy(labels[keep].astype(np.int64))))
+        top_k = int(detections_per_img[i])
+        n, kept_boxes, kept_scores, labels = (one if top_k >= 0 else _numpy_one)(  # [:negative] as torch slices
+            s, b, np.float32(score_thresh[i]), _wanted(C, classes[i]), np.float32(min_size), thr, top_k,
+            np.array([w, h, w, h], dtype=np.float32), MAX_CANDIDATES)
+        if n < 0:  # too many candidates, or values that are not finite: the torch path decides
+            return None
+        out.append(Detections(torch.from_numpy(kept_boxes), torch.from_numpy(kept_scores), torch.from_numpy(labels)))
     return out
 
+
+def _wanted(C: int, classes: torch.Tensor | None) -> np.ndarray:
+    """(C,) bool: the label ids kept (ids outside 0..C-1 match nothing, as torch.isin)."""
+    if classes is None:
+        return _everything(C)
+    wanted = np.zeros(C, dtype=bool)
+    ids = classes.numpy()
+    wanted[ids[(ids >= 0) & (ids < C)]] = True
+    return wanted
+
+
+@functools.lru_cache(maxsize=16)
+def _everything(C: int) -> np.ndarray:
+    return np.ones(C, dtype=bool)  # shared by every call, never written (numba's signature takes it writable)
+
+
+def _numpy_one(scores: np.ndarray, boxes: np.ndarray, score_thresh: np.float32, wanted: np.ndarray,
+               min_size: np.float32, thr: np.float32, top_k: int, scale: np.ndarray, max_candidates: int
+               ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """One image (scores (R, C), boxes (R, C, 4)) -> (K, boxes (K, 4) scaled, scores (K,), labels
+    (K,) int64), or (-1, ...) where this path does not apply. runtime._post_kernel.postprocess_one
+    computes the same, compiled."""
+    C = scores.shape[1]
+    none = (-1, np.empty((0, 4), np.float32), np.empty(0, np.float32), np.empty(0, np.int64))
+    s = scores[:, 1:].reshape(-1)  # (R * (C-1),) row-major: index r * (C-1) + (c-1)
+    keep = np.flatnonzero(s > score_thresh)
+    labels = keep % max(1, C - 1) + 1
+    if not wanted.all():
+        chosen = wanted[labels]
+        keep, labels = keep[chosen], labels[chosen]
+    if keep.size > max_candidates:
+        return none
+    s = s[keep]
+    b = boxes[:, 1:].reshape(-1, 4)[keep]  # (N, 4)
+    if not (np.isfinite(s).all() and np.isfinite(b).all()):
+        return none  # NaN orders and compares as torch's sort may not: its path decides
+    small = (b[:, 2] - b[:, 0] >= min_size) & (b[:, 3] - b[:, 1] >= min_size)
+    keep = np.flatnonzero(small)
+    s, b, labels = s[keep], b[keep], labels[keep]
+    keep = _class_nms(b, s, labels, thr)[:top_k]
+    return keep.size, b[keep] * scale, s[keep], labels[keep].astype(np.int64)
 
 def _class_nms(b: np.ndarray, s: np.ndarray, labels: np.ndarray, thr: float) -> np.ndarray:
     """b (N, 4) float32, s (N,), labels (N,) -> (K,) int64 indices kept, by decreasing score:
@@ -98,3 +146,60 @@ def _class_nms(b: np.ndarray, s: np.ndarray, labels: np.ndarray, thr: float) -> 
             kept.append(j)
             dead |= sup[j]
     return order[np.asarray(kept, dtype=np.int64)]
+
+
+def _one():
+    """The compiled kernel where numba is installed and it equals _numpy_one here (checked once,
+    on seeded crowded inputs with ties and values on the thresholds), else _numpy_one."""
+    global _compiled, _checked
+    if not _checked:
+        with _LOCK:
+            if not _checked:
+                try:
+                    from runtime import _post_kernel
+
+                    kernel = _post_kernel.postprocess_one
+                    if not _self_check(kernel):
+                        log.warning("compiled postprocessing differs from numpy's here: using numpy's")
+                        kernel = None
+                except ImportError:  # numba not installed (it is in the server extra)
+                    kernel = None
+                except Exception as e:  # a numba that cannot compile here: numpy's path is always right
+                    log.warning("compiled postprocessing unavailable (%s: %s): using numpy's", type(e).__name__, e)
+                    kernel = None
+                _compiled, _checked = kernel, True
+    return _compiled or _numpy_one
+
+
+def crowded(rng: np.random.Generator, R: int, C: int, spread: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (R, C), boxes (R, C, 4)) float32 built to be hard: most boxes overlap, scores from a
+    coarse grid (many ties) and on either side of 0.05, empty and tiny boxes, exact duplicates.
+    The first-use check's input, and the tests'."""
+    grid = np.array([0.0, 0.05, 0.1, 0.3, 0.5, 0.7, 0.9], np.float32)
+    near = np.array([np.float32(0.05), np.nextafter(np.float32(0.05), np.float32(1)),
+                     np.nextafter(np.float32(0.05), np.float32(0))], np.float32)
+    scores = rng.choice(np.concatenate([grid, near, rng.random(8, dtype=np.float32)]), size=(R, C))
+    xy = rng.random((R, C, 2), dtype=np.float32) * spread
+    wh = rng.choice(np.array([0.0, 0.005, 1.0, 8.0, 20.0, 40.0], np.float32), size=(R, C, 2))
+    wh += rng.random((R, C, 2), dtype=np.float32) * (wh > 0.5)
+    boxes = np.concatenate([xy, xy + wh], axis=-1).astype(np.float32)
+    dup = rng.random((R, C)) < 0.1  # exact duplicates of the previous RoI's box
+    boxes[1:][dup[1:]] = boxes[:-1][dup[1:]]
+    return scores.astype(np.float32), boxes
+
+
+def _self_check(kernel) -> bool:
+    rng = np.random.default_rng(0)
+    scale = np.array([1.5, 0.75, 1.5, 0.75], np.float32)
+    for _ in range(8):
+        R, C = int(rng.integers(1, 60)), int(rng.integers(2, 8))
+        scores, boxes = crowded(rng, R, C)
+        wanted = rng.random(C) < 0.7
+        for score_thresh, nms, top_k in ((0.05, 0.5, 100), (0.0, 0.3, 7), (0.3, 0.7, 0)):
+            args = (scores, boxes, np.float32(score_thresh), wanted, np.float32(1e-2),
+                    np.float32(_threshold_below(nms, torch.float32)), top_k, scale, MAX_CANDIDATES)
+            want, got = _numpy_one(*args), kernel(*args)
+            if want[0] != got[0] or not all(np.array_equal(x, y) and x.dtype == y.dtype
+                                            for x, y in zip(want[1:], got[1:], strict=True)):
+                return False
+    return True

@@ -1,4 +1,4 @@
-"""runtime.fast_post (numpy) against its torch twin, model.postprocess, to the bit."""
+"""runtime.fast_post (compiled and numpy) against its torch twin, model.postprocess, to the bit."""
 
 from __future__ import annotations
 
@@ -13,20 +13,21 @@ from runtime import fast_post
 
 
 def _raw(rng: np.random.Generator, R: int, C: int, B: int = 1, spread: float = 60.0) -> RawDetections:
-    """Crowded boxes (most pairs overlap), scores from a coarse grid (many ties) plus values on and
-    next to the usual thresholds, some empty and tiny boxes, RoIs of B images interleaved."""
-    grid = np.array([0.0, 0.05, 0.1, 0.3, 0.5, 0.7, 0.9], np.float32)
-    near = np.array([np.float32(0.05), np.nextafter(np.float32(0.05), np.float32(1)),
-                     np.nextafter(np.float32(0.05), np.float32(0))], np.float32)
-    scores = rng.choice(np.concatenate([grid, near, rng.random(8, dtype=np.float32)]), size=(R, C))
-    xy = rng.random((R, C, 2), dtype=np.float32) * spread
-    wh = rng.choice(np.array([0.0, 0.005, 1.0, 8.0, 20.0, 40.0], np.float32), size=(R, C, 2))
-    wh += rng.random((R, C, 2), dtype=np.float32) * (wh > 0.5)
-    boxes = np.concatenate([xy, xy + wh], axis=-1).astype(np.float32)
-    dup = rng.random((R, C)) < 0.1  # exact duplicates of the previous RoI's box
-    boxes[1:][dup[1:]] = boxes[:-1][dup[1:]]
+    """fast_post.crowded's hard inputs (ties, values on the thresholds, empty boxes, duplicates),
+    RoIs of B images interleaved."""
+    scores, boxes = fast_post.crowded(rng, R, C, spread)
     batch_idx = rng.permutation(np.arange(R) % B).astype(np.int64)
     return RawDetections(torch.from_numpy(batch_idx), torch.from_numpy(scores), torch.from_numpy(boxes))
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def implementation(request, monkeypatch):
+    """Every test against both: the numba kernel (what a server with the extra runs) and numpy."""
+    if request.param == "compiled":
+        assert fast_post._one() is not fast_post._numpy_one, "numba is installed: the kernel must pass its check"
+    else:
+        monkeypatch.setattr(fast_post, "_one", lambda: fast_post._numpy_one)
+    return request.param
 
 
 def _both(raw, sizes, originals, **kw):
@@ -126,3 +127,17 @@ def test_where_it_does_not_apply():
     many = _raw(rng, fast_post.MAX_CANDIDATES, 3)  # 2 classes per RoI, every score above -1
     kw_all = dict(kw, score_thresh=[-1.0])
     assert fast_post.postprocess(many, sizes, originals, **kw_all) is None
+
+
+def test_the_first_use_check_catches_a_kernel_that_differs():
+    """_self_check is what keeps a numba that computes otherwise off the path: it refuses kernels
+    that keep one box too many, order ties otherwise, or round the scale differently."""
+    def off_by(change):
+        def kernel(*args):
+            n, b, s, lab = fast_post._numpy_one(*args)
+            return change(n, b, s, lab)
+        return kernel
+    assert fast_post._self_check(fast_post._numpy_one)
+    assert not fast_post._self_check(off_by(lambda n, b, s, lab: (n, b[::-1], s[::-1], lab[::-1])))
+    assert not fast_post._self_check(off_by(lambda n, b, s, lab: (n, np.nextafter(b, np.float32(1e9)), s, lab)))
+    assert not fast_post._self_check(off_by(lambda n, b, s, lab: (n, b[:-1], s[:-1], lab[:-1])))
