@@ -7,12 +7,12 @@ Shape shorthand: h, w the decoded image; h', w' its resized size; H, W the padde
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import prange, types
 from numba.extending import intrinsic
 
 from runtime._jit import compile_for
+
 
 @intrinsic
 def _fma(typingctx, a, b, c):
