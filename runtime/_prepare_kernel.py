@@ -7,6 +7,7 @@ Shape shorthand: h, w the decoded image; h', w' its resized size; H, W the padde
 
 from __future__ import annotations
 
+import numba  # noqa: F401 - fast_prepare sets the thread count through this module's numba
 import numpy as np
 from numba import prange, types
 from numba.extending import intrinsic
