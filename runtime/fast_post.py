@@ -188,13 +188,33 @@ def crowded(rng: np.random.Generator, R: int, C: int, spread: float = 60.0) -> t
     return scores.astype(np.float32), boxes
 
 
+def on_the_threshold() -> tuple[np.ndarray, np.ndarray]:
+    """(scores (R, C), boxes (R, C, 4)): pairs of boxes whose IoU is 0.5 exactly or a few float32
+    steps either side of it, each pair in a class of its own, so that whether a pair's second box
+    is kept is the NMS threshold's decision alone (at 0.5)."""
+    widths = [np.float32(5.0)]
+    for _ in range(6):
+        widths = [np.nextafter(widths[0], np.float32(0)), *widths, np.nextafter(widths[-1], np.float32(10))]
+    C = len(widths) + 1
+    boxes = np.zeros((2 * len(widths), C, 4), np.float32)
+    scores = np.zeros((2 * len(widths), C), np.float32)
+    for k, w in enumerate(widths):  # IoU of (0, 0, 10, 10) with (0, 0, 10, w) is w / 10
+        boxes[2 * k, k + 1] = (0.0, 0.0, 10.0, 10.0)
+        boxes[2 * k + 1, k + 1] = (0.0, 0.0, 10.0, w)
+        scores[2 * k, k + 1], scores[2 * k + 1, k + 1] = 0.9, 0.8
+    return scores, boxes
+
+
 def _self_check(kernel) -> bool:
     rng = np.random.default_rng(0)
     scale = np.array([1.5, 0.75, 1.5, 0.75], np.float32)
+    cases = [(*on_the_threshold(), None)]
     for _ in range(8):
         R, C = int(rng.integers(1, 60)), int(rng.integers(2, 8))
-        scores, boxes = crowded(rng, R, C)
-        wanted = rng.random(C) < 0.7
+        cases.append((*crowded(rng, R, C), rng.random(C) < 0.7))
+    for scores, boxes, wanted in cases:
+        if wanted is None:
+            wanted = np.ones(scores.shape[1], dtype=bool)
         for score_thresh, nms, top_k in ((0.05, 0.5, 100), (0.0, 0.3, 7), (0.3, 0.7, 0)):
             args = (scores, boxes, np.float32(score_thresh), wanted, np.float32(1e-2),
                     np.float32(_threshold_below(nms, torch.float32)), top_k, scale, MAX_CANDIDATES)

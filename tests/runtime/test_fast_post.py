@@ -77,16 +77,8 @@ def test_ious_on_the_threshold():
     """Pairs whose IoU is 0.5 exactly or a few float32 steps either side of it, each pair in a class
     of its own: whether the second box of a pair is kept is the NMS threshold's decision alone, and
     the numpy twin takes the same one."""
-    widths = [np.float32(5.0)]
-    for _ in range(6):
-        widths = [np.nextafter(widths[0], np.float32(0)), *widths, np.nextafter(widths[-1], np.float32(10))]
-    C = len(widths) + 1
-    boxes = torch.zeros(2 * len(widths), C, 4)
-    scores = torch.zeros(2 * len(widths), C)
-    for k, w in enumerate(widths):  # IoU of (0, 0, 10, 10) with (0, 0, 10, w) is w / 10
-        boxes[2 * k, k + 1] = torch.tensor([0.0, 0.0, 10.0, 10.0])
-        boxes[2 * k + 1, k + 1] = torch.tensor([0.0, 0.0, 10.0, float(w)])
-        scores[2 * k, k + 1], scores[2 * k + 1, k + 1] = 0.9, 0.8
+    scores, boxes = (torch.from_numpy(x) for x in fast_post.on_the_threshold())
+    widths = boxes[1::2, :, 3].amax(dim=1).numpy()  # each pair's second box: (0, 0, 10, w)
     raw = RawDetections(torch.zeros(boxes.shape[0], dtype=torch.int64), scores, boxes)
     kw = dict(score_thresh=[0.05], nms_thresh=0.5, detections_per_img=[100], min_size=1e-2, classes=[None])
     want, got = _both(raw, torch.tensor([[20, 20]]), torch.tensor([[20, 20]]), **kw)
