@@ -204,8 +204,9 @@ def test_after_gets_each_band_from_the_thread_that_decoded_it(monkeypatch):
     out = jpeg_bands.decode(data, 640, 480, after=after)
     assert out is not None and np.array_equal(out, want)
     me = threading.get_ident()
-    assert sorted(calls, key=lambda c: c[1]) == [(me, 0, split), (calls[0][0], split, 480)]
-    assert calls[0][0] != me  # the bottom band's call came from the helper, before the top's
+    (top_thread, *top_rows), (bottom_thread, *bottom_rows) = sorted(calls, key=lambda c: c[1])
+    assert (top_thread, top_rows) == (me, [0, split]) and bottom_rows == [split, 480]
+    assert bottom_thread != me  # the bottom band's call came from the helper that decoded it
 
     monkeypatch.setattr(jpeg_bands, "_top", real_top)
     calls.clear()
