@@ -32,8 +32,9 @@ fi
 
 # numba's kernels as the image's build compiled them, where numba may write (it refuses a read-only
 # cache); without them it compiles on first use
-if [ -n "${NUMBA_CACHE_DIR:-}" ] && [ -d /opt/frcnn/numba-cache ] && [ ! -e "$NUMBA_CACHE_DIR" ]; then
-    cp -R /opt/frcnn/numba-cache "$NUMBA_CACHE_DIR" 2>/dev/null || echo "frcnn-entrypoint: numba cache not copied" >&2
+baked_numba="${BAKED_NUMBA_CACHE:-/opt/frcnn/numba-cache}"
+if [ -n "${NUMBA_CACHE_DIR:-}" ] && [ -d "$baked_numba" ] && [ ! -e "$NUMBA_CACHE_DIR" ]; then
+    cp -R "$baked_numba" "$NUMBA_CACHE_DIR" 2>/dev/null || echo "frcnn-entrypoint: numba cache not copied" >&2
 fi
 
 model="${FRCNN_MODEL:?set FRCNN_MODEL to a checkpoint directory or an .onnx file}"

@@ -134,3 +134,31 @@ def test_image_wires_the_entrypoint_and_bakes_its_model():
     env = d.env()
     assert not Path("/opt/frcnn/onnx").is_relative_to(env["EXPORT_CACHE_DIR"])
     assert (ROOT / "deploy" / "Dockerfile.dockerignore").read_text().count("!deploy/entrypoint.sh") == 1
+
+
+def test_numba_s_compiled_kernels_are_copied_where_numba_may_write(box):
+    """The image's build compiled the kernels into a read-only directory; the entrypoint copies it to
+    NUMBA_CACHE_DIR (an emptyDir's /tmp in the pod) once, never over a cache already there."""
+    env, tmp, _ = box
+    baked = tmp / "numba-baked"
+    (baked / "runtime_abc").mkdir(parents=True)
+    (baked / "runtime_abc" / "k.nbi").write_bytes(b"index")
+    target = tmp / "tmp" / "numba-cache"
+    target.parent.mkdir()
+    out, child, _ = run(env, BAKED_NUMBA_CACHE=str(baked), NUMBA_CACHE_DIR=str(target))
+    assert out.returncode == 0, out.stderr
+    assert (target / "runtime_abc" / "k.nbi").read_bytes() == b"index"
+    assert child["NUMBA_CACHE_DIR"] == str(target)
+    (target / "runtime_abc" / "k.nbi").write_bytes(b"compiled here since")  # a restart keeps its own
+    run(env, BAKED_NUMBA_CACHE=str(baked), NUMBA_CACHE_DIR=str(target))
+    assert (target / "runtime_abc" / "k.nbi").read_bytes() == b"compiled here since"
+    out, _, _ = run(env, BAKED_NUMBA_CACHE=str(tmp / "none"), NUMBA_CACHE_DIR=str(tmp / "elsewhere"))
+    assert out.returncode == 0 and not (tmp / "elsewhere").exists()  # no baked cache: numba compiles
+
+
+def test_image_compiles_numba_s_kernels_for_the_installed_package():
+    """The build fills the cache the entrypoint copies, from the installed package (python -I: /src's
+    copy would give a cache numba never finds at the installed path), and the runtime points numba at it."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"NUMBA_CACHE_DIR=/opt/frcnn/numba-cache python -I -c", text)
+    assert "NUMBA_CACHE_DIR=/tmp/numba-cache" in text
