@@ -57,6 +57,8 @@ def postprocess(raw: RawDetections, image_sizes: torch.Tensor, original_sizes: t
         return None
     scores = raw.scores.detach().numpy()  # (R, C)
     boxes = raw.boxes.detach().numpy()  # (R, C, 4)
+    if scores.ndim != 2 or boxes.shape != (*scores.shape, 4):  # the kernel reads by these shapes, unchecked
+        return None
     B = int(image_sizes.shape[0])
     C = scores.shape[1]
     thr = np.float32(_threshold_below(float(nms_thresh), torch.float32))
@@ -122,6 +124,7 @@ def _numpy_one(scores: np.ndarray, boxes: np.ndarray, score_thresh: np.float32, 
     s, b, labels = s[keep], b[keep], labels[keep]
     keep = _class_nms(b, s, labels, thr)[:top_k]
     return keep.size, b[keep] * scale, s[keep], labels[keep].astype(np.int64)
+
 
 def _class_nms(b: np.ndarray, s: np.ndarray, labels: np.ndarray, thr: float) -> np.ndarray:
     """b (N, 4) float32, s (N,), labels (N,) -> (K,) int64 indices kept, by decreasing score:

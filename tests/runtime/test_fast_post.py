@@ -113,6 +113,8 @@ def test_where_it_does_not_apply():
     assert fast_post.postprocess(raw, sizes, originals, **kw) is not None
     half = RawDetections(raw.batch_idx, raw.scores.half(), raw.boxes.half())
     assert fast_post.postprocess(half, sizes, originals, **kw) is None
+    mismatched = RawDetections(raw.batch_idx, raw.scores, raw.boxes[:, :-1])  # a class short: never read past it
+    assert fast_post.postprocess(mismatched, sizes, originals, **kw) is None
     nan = raw.boxes.clone()
     nan[0, 1, 0] = float("nan")
     assert fast_post.postprocess(RawDetections(raw.batch_idx, raw.scores, nan), sizes, originals, **kw) is None
