@@ -68,3 +68,41 @@ def test_a_lone_photo_is_preprocessed_alongside_its_bands(banded, coco128_images
         assert got.item.image_size == want.item.image_size
         assert np.array_equal(got.item.tensor.numpy(), want.item.tensor.numpy()), path.name
     assert finished == [True] * len(coco128_images) and all(banded)
+
+
+def test_a_photo_the_bands_leave_alone_is_prepared_as_usual(banded):
+    """A rotated (EXIF), progressive or grey JPEG, prepared alone: whatever the bands did or did not
+    take, the tensor and size are those of the path without them."""
+    import io
+
+    from PIL import Image
+
+    from model.config import ModelConfig
+    from runtime.pipeline import Pipeline
+
+    rng = np.random.default_rng(4)
+    pixels = np.clip(np.linspace(0, 255, 480 * 640 * 3).reshape(480, 640, 3) + rng.normal(0, 30, (480, 640, 3)),
+                     0, 255).astype(np.uint8)
+    bodies = []
+    for mode, save in (("RGB", {"exif": _orientation(6)}), ("RGB", {"progressive": True}), ("L", {})):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).convert(mode).save(buf, "JPEG", quality=90, **save)
+        bodies.append(buf.getvalue())
+    pipe = Pipeline(backend=None, config=ModelConfig(), class_names=["__background__", "a"], model_name="t")
+    engine = Engine(pipe, max_pixels=10**8, decode_bands=True)
+    for n, data in enumerate(bodies):
+        job = Job(f"{n}.jpg", data, 0.5, 10)
+        got, want = engine.prepare(job, alone=True), engine.prepare(job, alone=False)
+        assert (got.width, got.height) == (want.width, want.height) and got.item.image_size == want.item.image_size
+        assert np.array_equal(got.item.tensor.numpy(), want.item.tensor.numpy()), n
+        if n == 0:
+            assert (got.width, got.height) == (480, 640)  # turned as EXIF says
+    assert banded == [True]  # the grey one went through the bands; the rotated and progressive did not
+
+
+def _orientation(value: int) -> bytes:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif.tobytes()
