@@ -28,11 +28,10 @@ def postprocess_one(scores, boxes, score_thresh, wanted, min_size, thr, top_k, s
     """One image's detections from scores (R, C) and class boxes (R, C, 4): candidates are the
     (RoI, class >= 1) pairs in row-major order with score > score_thresh and wanted[class]; then
     boxes narrower or lower than min_size go; greedy NMS per class (visit by decreasing score, ties
-    in candidate order; IoU > thr suppresses); the first top_k kept, boxes times scale (4,).
+    in candidate order; IoU > thr suppresses); kept[:top_k], boxes times scale (4,).
     Returns (K, boxes (K, 4), scores (K,), labels (K,)), or (TOO_MANY | NOT_FINITE, empty...)
     where the candidates are more than max_candidates or any of their values is not finite."""
     R, C = scores.shape
-    none = (np.empty((0, 4), np.float32), np.empty(0, np.float32), np.empty(0, np.int64))
     cand = np.empty(R * max(C - 1, 0), np.int64)  # r * C + c
     n = 0
     for r in range(R):
@@ -41,7 +40,7 @@ def postprocess_one(scores, boxes, score_thresh, wanted, min_size, thr, top_k, s
                 cand[n] = r * C + c
                 n += 1
     if n > max_candidates:
-        return TOO_MANY, none[0], none[1], none[2]
+        return TOO_MANY, np.empty((0, 4), np.float32), np.empty(0, np.float32), np.empty(0, np.int64)
     s = np.empty(n, np.float32)
     b = np.empty((n, 4), np.float32)
     lab = np.empty(n, np.int64)
@@ -51,7 +50,7 @@ def postprocess_one(scores, boxes, score_thresh, wanted, min_size, thr, top_k, s
         v = scores[r, c]
         x1, y1, x2, y2 = boxes[r, c, 0], boxes[r, c, 1], boxes[r, c, 2], boxes[r, c, 3]
         if not (np.isfinite(v) and np.isfinite(x1) and np.isfinite(y1) and np.isfinite(x2) and np.isfinite(y2)):
-            return NOT_FINITE, none[0], none[1], none[2]
+            return NOT_FINITE, np.empty((0, 4), np.float32), np.empty(0, np.float32), np.empty(0, np.int64)
         if x2 - x1 >= min_size and y2 - y1 >= min_size:
             s[m] = v
             b[m, 0], b[m, 1], b[m, 2], b[m, 3] = x1, y1, x2, y2
@@ -87,7 +86,7 @@ def postprocess_one(scores, boxes, score_thresh, wanted, min_size, thr, top_k, s
             inter = max(w, zero) * max(h, zero)
             if inter / ((area[i] + area[k]) - inter) > thr:
                 dead[q] = True
-    k_n = min(k_n, top_k)
+    k_n = min(k_n, top_k) if top_k >= 0 else max(k_n + top_k, 0)  # [:top_k], as numpy and torch slice
     out_b = np.empty((k_n, 4), np.float32)
     out_s = np.empty(k_n, np.float32)
     out_l = np.empty(k_n, np.int64)

@@ -43,6 +43,8 @@ __all__ = ["MAX_CANDIDATES", "postprocess"]
 
 MAX_CANDIDATES = 256  # per image; past it the torch path
 
+_NONE = (-1, np.empty((0, 4), np.float32), np.empty(0, np.float32), np.empty(0, np.int64))  # "not here"
+
 _LOCK = threading.Lock()
 _compiled = None  # runtime._post_kernel.postprocess_one, once checked equal to _numpy_one
 _checked = False
@@ -75,7 +77,7 @@ def postprocess(raw: RawDetections, image_sizes: torch.Tensor, original_sizes: t
             s, b = scores[rows], boxes[rows]
         h, w = originals[i] / sizes[i]  # float32 ratios, as model.transform.scale_boxes
         top_k = int(detections_per_img[i])
-        n, kept_boxes, kept_scores, labels = (one if top_k >= 0 else _numpy_one)(  # [:negative] as torch slices
+        n, kept_boxes, kept_scores, labels = one(
             s, b, np.float32(score_thresh[i]), _wanted(C, classes[i]), np.float32(min_size), thr, top_k,
             np.array([w, h, w, h], dtype=np.float32), MAX_CANDIDATES)
         if n < 0:  # too many candidates, or values that are not finite: the torch path decides
@@ -106,7 +108,6 @@ def _numpy_one(scores: np.ndarray, boxes: np.ndarray, score_thresh: np.float32, 
     (K,) int64), or (-1, ...) where this path does not apply. runtime._post_kernel.postprocess_one
     computes the same, compiled."""
     C = scores.shape[1]
-    none = (-1, np.empty((0, 4), np.float32), np.empty(0, np.float32), np.empty(0, np.int64))
     s = scores[:, 1:].reshape(-1)  # (R * (C-1),) row-major: index r * (C-1) + (c-1)
     keep = np.flatnonzero(s > score_thresh)
     labels = keep % max(1, C - 1) + 1
@@ -114,11 +115,11 @@ def _numpy_one(scores: np.ndarray, boxes: np.ndarray, score_thresh: np.float32, 
         chosen = wanted[labels]
         keep, labels = keep[chosen], labels[chosen]
     if keep.size > max_candidates:
-        return none
+        return _NONE
     s = s[keep]
     b = boxes[:, 1:].reshape(-1, 4)[keep]  # (N, 4)
     if not (np.isfinite(s).all() and np.isfinite(b).all()):
-        return none  # NaN orders and compares as torch's sort may not: its path decides
+        return _NONE  # NaN orders and compares as torch's sort may not: its path decides
     small = (b[:, 2] - b[:, 0] >= min_size) & (b[:, 3] - b[:, 1] >= min_size)
     keep = np.flatnonzero(small)
     s, b, labels = s[keep], b[keep], labels[keep]
@@ -218,7 +219,7 @@ def _self_check(kernel) -> bool:
     for scores, boxes, wanted in cases:
         if wanted is None:
             wanted = np.ones(scores.shape[1], dtype=bool)
-        for score_thresh, nms, top_k in ((0.05, 0.5, 100), (0.0, 0.3, 7), (0.3, 0.7, 0)):
+        for score_thresh, nms, top_k in ((0.05, 0.5, 100), (0.0, 0.3, 7), (0.3, 0.7, 0), (0.05, 0.5, -2)):
             args = (scores, boxes, np.float32(score_thresh), wanted, np.float32(1e-2),
                     np.float32(_threshold_below(nms, torch.float32)), top_k, scale, MAX_CANDIDATES)
             want, got = _numpy_one(*args), kernel(*args)

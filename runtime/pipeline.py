@@ -128,12 +128,13 @@ class Pipeline:
         if not fast_prepare.available():
             return None
         t = self.config.transform
+        return fast_prepare.Bands(self._sizes, t.image_mean, t.image_std)
 
-        def plan(h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
-            size = resized_size(h, w, t.min_size, t.max_size)
-            return size, padded_size(size, t.size_divisible, t.pad_past_edge)
-
-        return fast_prepare.Bands(plan, t.image_mean, t.image_std)
+    def _sizes(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """An (h, w) image's resized size (h', w') and the padded size (H, W) it gets alone."""
+        t = self.config.transform
+        size = resized_size(h, w, t.min_size, t.max_size)
+        return size, padded_size(size, t.size_divisible, t.pad_past_edge)
 
     def prepare(self, image: np.ndarray | torch.Tensor, bands: fast_prepare.Bands | None = None) -> PreparedImage:
         """image: (h, w, 3) uint8 RGB array, or a (3, h, w) uint8 / float 0..1 tensor -> PreparedImage.
@@ -148,9 +149,8 @@ class Pipeline:
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected an (h, w, 3) uint8 RGB array, got {image.shape} {image.dtype}")
             original = (image.shape[0], image.shape[1])
-            size = resized_size(*original, t.min_size, t.max_size)
-            out = fast_prepare.prepare_padded(image, size, padded_size(size, t.size_divisible, t.pad_past_edge),
-                                              t.image_mean, t.image_std)
+            size, padded = self._sizes(*original)
+            out = fast_prepare.prepare_padded(image, size, padded, t.image_mean, t.image_std)
             if out is not None:
                 return PreparedImage(torch.from_numpy(out), size, original)
             image = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)
