@@ -24,7 +24,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # xdist_group mark themselves. A fixture name counts only under its directory, when one is given
 # (tests/server has a tiny_checkpoint of its own that nothing exports).
 SHARED_EXPORTS = {
-    "r50-onnx": ("", ("r50_parity_onnx", "r50_parity", "r50_int8_onnx", "r50_fp16_onnx")),
+    "r50-onnx": ("", ("r50_parity_onnx", "r50_parity", "r50_reference", "r50_int8_onnx", "r50_fp16_onnx")),
     "tiny-onnx": ("tests/export/", ("tiny_checkpoint", "tiny_net", "tiny_onnx", "tiny_nms_onnx", "tiny_int8_onnx",
                                     "tiny_fp16_onnx")),
 }
