@@ -53,6 +53,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(group))
 
 
+def tensors_digest(named, prefix: str = "") -> str:
+    """sha256 of (name, tensor) pairs: every name, dtype, shape and byte of the values, after `prefix`."""
+    import torch
+
+    h = hashlib.sha256(prefix.encode())
+    for name, t in named:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_trace_per_graph():
     """export.onnx_export.build_graph memoised for the session, keyed by everything the graph is
@@ -65,7 +77,6 @@ def one_trace_per_graph():
     the same inputs again gives (build_graph is deterministic)."""
     try:
         import onnx
-        import torch
 
         import export.onnx_export as onnx_export
     except ImportError:  # a partial install: nothing to memoise
@@ -74,12 +85,7 @@ def one_trace_per_graph():
     real, graphs = onnx_export.build_graph, {}
 
     def memoised(net, cfg, class_names, **kwargs):
-        h = hashlib.sha256(repr((cfg, list(class_names), sorted(kwargs.items()))).encode())
-        for name, t in net.state_dict().items():
-            t = t.detach().cpu().contiguous()
-            h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        key = h.hexdigest()
+        key = tensors_digest(net.state_dict().items(), repr((cfg, list(class_names), sorted(kwargs.items()))))
         if key not in graphs:
             graphs[key] = real(net, cfg, class_names, **kwargs)
         copy = onnx.ModelProto()
