@@ -40,6 +40,9 @@ def _case_fn(t: dict[str, torch.Tensor], case: str, p: dict):
         def fn():
             return ops.roi_align(t[f"{case}.input"], t[f"{case}.rois"], p["output_size"],
                                  p["spatial_scale"], p["sampling_ratio"], p["aligned"])
+    elif p["kind"] == "roi_pool":
+        def fn():
+            return ops.roi_pool(t[f"{case}.input"], t[f"{case}.rois"], p["output_size"], p["spatial_scale"])
     elif p["kind"] == "multiscale_roi_align":
         names = [f"p{i}" for i in range(len(p["spatial_scales"]))]
         feats = {n: t[f"{case}.{n}"] for n in names}

@@ -8,6 +8,9 @@ Cases (one 608x1024 padded image; FPN maps P2..P5 are 152x256, 76x128, 38x64, 19
   msra_train_512     the same, forward + backward wrt the maps, 512 RoIs (one training image)
   roi_align_p2_1000  roi_align alone on P2, 1000 RoIs, 7x7, sampling_ratio 2
   roi_align_p4_ad    roi_align on P4, 1000 RoIs, 7x7, adaptive sampling, aligned
+  roi_pool_vgg16     roi_pool 7x7 on VGG16's conv5_3 (38x64, 512 ch, stride 16), 300 RoIs (the paper's
+                     test proposals); roi_pool_vgg16_gather: the same with every RoI through the
+                     gather path (model/ops/roi_pool.py), as all were before the crop path
 
 Where .refvenv/bin/python exists, benchmarks/_tv_ops.py runs there as a subprocess on the same
 inputs (a temporary safetensors file) and the table shows torchvision's time, ours / torchvision,
@@ -29,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from model.ops import multiscale_roi_align, nms, roi_align
+from model.ops.roi_pool import _forward as roi_pool_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 REF_PYTHON = ROOT / ".refvenv" / "bin" / "python"
@@ -80,12 +84,22 @@ def make_cases(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, dict]]
     t["roi_align_p4_ad.input"], t["roi_align_p4_ad.rois"] = feats[2], rois
     p["roi_align_p4_ad"] = {"kind": "roi_align", "output_size": [7, 7], "spatial_scale": SCALES[2],
                             "sampling_ratio": 0, "aligned": True}
+
+    vgg = torch.randn(1, 512, h // 16, w // 16, generator=g)
+    vgg_rois = torch.cat([torch.zeros(300, 1), _proposals(g, 300)], 1)
+    for case in ("roi_pool_vgg16", "roi_pool_vgg16_gather"):
+        t[f"{case}.input"], t[f"{case}.rois"] = vgg, vgg_rois
+        p[case] = {"kind": "roi_pool", "output_size": [7, 7], "spatial_scale": 1 / 16,
+                   "crops": case == "roi_pool_vgg16"}
     return t, p
 
 
 def _ours(t: dict[str, torch.Tensor], case: str, p: dict):
     if p["kind"] == "nms":
         return lambda: nms(t[f"{case}.boxes"], t[f"{case}.scores"], p["iou_threshold"])
+    if p["kind"] == "roi_pool":
+        return lambda: roi_pool_kernel(t[f"{case}.input"], t[f"{case}.rois"], p["output_size"],
+                                       p["spatial_scale"], crops=p["crops"])[0]
     if p["kind"] == "roi_align":
         return lambda: roi_align(t[f"{case}.input"], t[f"{case}.rois"], p["output_size"],
                                  p["spatial_scale"], p["sampling_ratio"], p["aligned"])
@@ -131,12 +145,14 @@ def run_ops_bench(repeats: int = 7, threads: int = 2, seed: int = 0) -> list[dic
     """Time every case; with the reference venv present, torchvision too.
 
     Returns one dict per case: name, ours_ms, torchvision_ms (None without .refvenv),
-    ratio (ours / torchvision), agree (outputs equal for nms, max abs diff for RoIAlign).
+    ratio (ours / torchvision), agree (outputs equal for nms and roi_pool, max abs diff for
+    RoIAlign). A case "<name>_gather" also gets `vs` (its time over <name>'s, the gather path's cost
+    against the op's) and `same` (outputs equal to <name>'s).
     """
     torch.set_num_threads(threads)
     t, p = make_cases(seed)
     tv = _run_torchvision(t, p, threads, repeats)
-    rows = []
+    rows, outs_by_case = [], {}
     for case, params in p.items():
         fn = _ours(t, case, params)
         with torch.inference_mode(not params["kind"].endswith("_train")):
@@ -148,9 +164,14 @@ def run_ops_bench(repeats: int = 7, threads: int = 2, seed: int = 0) -> list[dic
             ref = outs[f"{case}.out"]
             row["torchvision_ms"] = round(timings[case], 2)
             row["ratio"] = round(ms / timings[case], 3)
-            row["agree"] = (bool(torch.equal(out, ref)) if params["kind"] == "nms"
+            row["agree"] = (bool(torch.equal(out, ref)) if params["kind"] in ("nms", "roi_pool")
                             else float((out - ref).abs().max()))
         rows.append(row)
+        outs_by_case[case] = out
+        base = case.removesuffix("_gather")
+        if base != case:
+            row["vs"] = round(ms / next(r["ours_ms"] for r in rows if r["name"] == base), 2)
+            row["same"] = bool(torch.equal(out, outs_by_case[base]))
     return rows
 
 
@@ -162,11 +183,15 @@ def main() -> None:
     rows = run_ops_bench(args.repeats, args.threads)
     print(f"image {IMAGE_HW[0]}x{IMAGE_HW[1]}, FPN P2..P5, 256 ch, {args.threads} threads, "
           f"median of {args.repeats}")
-    print(f"{'case':<20}{'ours ms':>10}{'tv ms':>10}{'ours/tv':>9}  agree")
+    print(f"{'case':<22}{'ours ms':>10}{'tv ms':>10}{'ours/tv':>9}  agree")
     for r in rows:
         tv = "-" if r["torchvision_ms"] is None else f"{r['torchvision_ms']:.1f}"
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        print(f"{r['name']:<20}{r['ours_ms']:>10.1f}{tv:>10}{ratio:>9}  {r['agree']}")
+        print(f"{r['name']:<22}{r['ours_ms']:>10.1f}{tv:>10}{ratio:>9}  {r['agree']}")
+    for r in rows:
+        if "vs" in r:
+            print(f"{r['name']}: {r['vs']:.1f}x the time of {r['name'].removesuffix('_gather')}, "
+                  f"outputs equal: {r['same']}")
 
 
 if __name__ == "__main__":

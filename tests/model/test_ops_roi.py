@@ -150,6 +150,92 @@ def test_roi_pool_gradcheck():
     assert torch.autograd.gradcheck(lambda t: roi_pool(t, rois, (2, 2), 1.0), (x,), fast_mode=True)
 
 
+def _roi_pool_kernel():
+    # model.ops.roi_pool is the function; the module holds the kernel and its two paths
+    return importlib.import_module("model.ops.roi_pool")
+
+
+def _pool_paths(x, rois, size, scale):
+    """(crops, gather): the op's outputs with its crop path on, and every RoI gathered; and how
+    many RoIs the crop path took."""
+    mod = _roi_pool_kernel()
+    taken = []
+    real = mod._pool_crops
+
+    def counting(input, ids, *args):
+        taken.append(ids.numel())
+        return real(input, ids, *args)
+
+    mod._pool_crops = counting
+    try:
+        crops = mod._forward(x, rois, size, scale)
+    finally:
+        mod._pool_crops = real
+    return crops, mod._forward(x, rois, size, scale, crops=False), sum(taken)
+
+
+@pytest.mark.parametrize("size", [(7, 7), (2, 3), (1, 1), (6, 4)])
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_roi_pool_crop_path_equals_gather_path(size, scale, dtype):
+    # Few distinct values: bins tie often, so the first maximum in row-major order is tested, not
+    # just the max. RoIs anywhere from 4 px before the map to 4 px past it: inside, within the
+    # crop path's margin (bins wholly past the map are empty), and beyond it (gathered).
+    # bfloat16 holds 0, 1, 2 exactly.
+    g = torch.Generator().manual_seed(int(scale * 100) + size[0])
+    n, c, h, w = 2, 5, 11, 13
+    x = torch.randint(0, 3, (n, c, h, w), generator=g).to(dtype)
+    k = 120
+    x1 = torch.randint(-4, w + 2, (k,), generator=g)
+    y1 = torch.randint(-4, h + 2, (k,), generator=g)
+    x2 = x1 + torch.randint(-1, w // 2, (k,), generator=g)
+    y2 = y1 + torch.randint(-1, h // 2, (k,), generator=g)
+    rois = torch.stack([torch.randint(0, n, (k,), generator=g), x1, y1, x2, y2], 1).float()
+    rois[:, 1:] /= scale
+    (out, arg), (ref, ref_arg), taken = _pool_paths(x, rois, size, scale)
+    assert k // 3 < taken < k  # both paths ran
+    assert torch.equal(out, ref) and torch.equal(arg, ref_arg)
+    assert (arg == -1).any() and (out[arg == -1] == 0).all()  # empty bins came up, as 0 and -1
+    assert out.dtype == dtype and arg.dtype == torch.int32
+
+
+def test_roi_pool_crop_path_gives_the_gradient_of_the_gather_path():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 4, (1, 3, 9, 10), generator=g).double()
+    rois = torch.tensor([[0, 0, 0, 9, 8], [0, 2, 1, 10, 9], [0, 3, 3, 5, 4], [0, -1, 2, 6, 7]], dtype=torch.float64)
+    (_, arg), (_, ref_arg), taken = _pool_paths(x, rois, (3, 3), 1.0)
+    assert taken == 4 and torch.equal(arg, ref_arg)
+    x.requires_grad_(True)
+    roi_pool(x, rois, (3, 3), 1.0).sum().backward()
+    assert torch.autograd.gradcheck(lambda t: roi_pool(t, rois, (3, 3), 1.0), (torch.randn_like(x, requires_grad=True),),
+                                    fast_mode=True)
+    assert x.grad.sum() == 4 * 3 * 9  # each bin's gradient landed on one pixel
+
+
+def test_roi_pool_bins_float32_pushes_past_the_roi_are_torchvisions():
+    # 57 px into 7 bins: torchvision's float32 bin size 57 / 7 times 7 rounds to 57.000004, so the
+    # last bin ends at ceil(...) = 58, one pixel past the RoI. Adaptive pooling of the 57 px crop
+    # would stop at 57: such a RoI must take the gather, and see the pixel just past its end.
+    x = torch.zeros(1, 1, 1, 60)
+    x[0, 0, 0, 57] = 5.0
+    rois = torch.tensor([[0.0, 0, 0, 56, 0]])  # columns 0..56
+    (out, arg), _, taken = _pool_paths(x, rois, (1, 7), 1.0)
+    assert taken == 0
+    assert out[0, 0, 0, -1].item() == 5.0 and arg[0, 0, 0, -1].item() == 57
+
+
+def test_roi_pool_nonfinite_input_takes_the_gather():
+    x = torch.zeros(1, 2, 6, 6)
+    x[0, 0, 1, 1] = float("inf")
+    x[0, 1] = float("-inf")
+    rois = torch.tensor([[0.0, 0, 0, 5, 5]])
+    (out, arg), (ref, ref_arg), taken = _pool_paths(x, rois, (2, 2), 1.0)
+    assert taken == 0 and torch.equal(out, ref) and torch.equal(arg, ref_arg)
+    assert out[0, 0, 0, 0].item() == float("inf") and arg[0, 0, 0, 0].item() == 7
+    assert (out[0, 1] == float("-inf")).all()  # a bin of -inf pixels is -inf, at its first pixel
+    assert arg[0, 1].flatten().tolist() == [0, 3, 18, 21]
+
+
 # --- multiscale_roi_align ----------------------------------------------------------------------
 
 SCALES = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
