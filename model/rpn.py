@@ -31,7 +31,6 @@ class RPNHead(nn.Module):
         # Nested Sequential keeps torchvision's key layout: conv.0.0.weight.
         self.conv = nn.Sequential(nn.Sequential(nn.Conv2d(in_channels, mid, 3, padding=1), nn.ReLU(inplace=True)))
         self.objectness = objectness
-        self.num_anchors = num_anchors
         self.cls_logits = nn.Conv2d(mid, num_anchors * (2 if objectness == "softmax" else 1), 1)
         self.bbox_pred = nn.Conv2d(mid, num_anchors * 4, 1)
         for m in self.modules():
@@ -43,13 +42,14 @@ class RPNHead(nn.Module):
         """features: [(B, D, Hl, Wl)] -> logits (B, N, 1 or 2), deltas (B, N, 4), in anchor order."""
         logits, deltas = [], []
         k = 2 if self.objectness == "softmax" else 1
+        a = self.bbox_pred.out_channels // 4  # anchors per location
         for f in features:
             t = self.conv(f)
             # (B, A*k, H, W) -> (B, A, k, H, W) -> (B, H, W, A, k) -> (B, H*W*A, k). Sizes spelled out,
             # no -1: under the exporters' symbolic H, W each inferred -1 cost about a second (the ONNX
             # exporter's re-trace of the demo model: 23-30 s with these reshapes, 15-18 s without).
-            logits.append(self.cls_logits(t).unflatten(1, (self.num_anchors, k)).permute(0, 3, 4, 1, 2).flatten(1, 3))
-            deltas.append(self.bbox_pred(t).unflatten(1, (self.num_anchors, 4)).permute(0, 3, 4, 1, 2).flatten(1, 3))
+            logits.append(self.cls_logits(t).unflatten(1, (a, k)).permute(0, 3, 4, 1, 2).flatten(1, 3))
+            deltas.append(self.bbox_pred(t).unflatten(1, (a, 4)).permute(0, 3, 4, 1, 2).flatten(1, 3))
         return torch.cat(logits, dim=1), torch.cat(deltas, dim=1)
 
 

@@ -17,7 +17,7 @@ by adaptive_max_pool2d over its crop of the channels-last map, which reads each 
 once. Any other RoI (bins that float32 pushes one pixel past the RoI, corners far outside the map,
 NaN or infinite input, other devices) takes the gather: every bin's window gathered, padded to
 the chunk's largest bin, and reduced with max. VGG16's 300 test RoIs on a 608x1024 image's
-conv5_3: 1.47 s all gathered, 0.10-0.11 s with the crops (benchmarks/ops.py, roi_pool_vgg16).
+conv5_3: 1.35-1.47 s all gathered, 0.10-0.15 s with the crops (benchmarks/ops.py, roi_pool_vgg16).
 
 float16 / bfloat16 input: the bin geometry is computed in float32 (bfloat16 RoI corners times
 spatial_scale round to other pixels); the max itself is exact in any dtype, so the values are
@@ -66,7 +66,7 @@ def _outputs(input: Tensor, k: int, size: Sequence[int]) -> tuple[Tensor, Tensor
 def _forward(input: Tensor, rois: Tensor, output_size: Sequence[int], spatial_scale: float, *,
              crops: bool = True) -> tuple[Tensor, Tensor]:
     """The op's kernel; crops=False sends every RoI through the gather (tests, benchmarks)."""
-    n, c, h, w = input.shape
+    h, w = input.shape[2:]
     oh, ow = output_size
     k = rois.shape[0]
     out, arg = _outputs(input, k, output_size)

@@ -150,15 +150,10 @@ def test_roi_pool_gradcheck():
     assert torch.autograd.gradcheck(lambda t: roi_pool(t, rois, (2, 2), 1.0), (x,), fast_mode=True)
 
 
-def _roi_pool_kernel():
-    # model.ops.roi_pool is the function; the module holds the kernel and its two paths
-    return importlib.import_module("model.ops.roi_pool")
-
-
 def _pool_paths(x, rois, size, scale):
     """(crops, gather): the op's outputs with its crop path on, and every RoI gathered; and how
     many RoIs the crop path took."""
-    mod = _roi_pool_kernel()
+    mod = importlib.import_module("model.ops.roi_pool")  # model.ops.roi_pool is the function
     taken = []
     real = mod._pool_crops
 
